@@ -1,0 +1,157 @@
+"""The ``kdsearch`` command line.
+
+Heavy modules (torch, transformers) are imported only by the commands that need them,
+so ``study create`` and ``status`` start fast and run where torch is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import optuna
+
+from service.errors import KdsearchError
+from service.storage import (
+    ARTIFACTS_ENV,
+    STORAGE_ENV,
+    open_storage,
+    redact,
+    resolve_artifacts_dir,
+    resolve_storage_url,
+)
+
+logger = logging.getLogger("kdsearch")
+
+
+def _storage_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--storage",
+        metavar="URL",
+        help=f"study storage (default: ${STORAGE_ENV}, else sqlite:///kdsearch.db); "
+        "postgresql+psycopg2://USER@HOST/DB for many workers",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _storage_options()
+    parser = argparse.ArgumentParser(
+        prog="kdsearch",
+        description="Hyperparameter search for confidence-preserving knowledge distillation.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    study = commands.add_parser("study", help="create or inspect studies")
+    study_commands = study.add_subparsers(dest="study_command", required=True)
+    create = study_commands.add_parser(
+        "create", parents=[common], help="create a study from YAML, or attach to it"
+    )
+    create.add_argument("spec", metavar="STUDY.yaml")
+    study_commands.add_parser("list", parents=[common], help="list the studies in the storage")
+
+    worker = commands.add_parser("worker", parents=[common], help="run trials of a study")
+    worker.add_argument("--study", required=True, metavar="NAME")
+    worker.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help=f"shared folder for study assets and trial artifacts (default: ${ARTIFACTS_ENV}, "
+        "else ./kdsearch-artifacts)",
+    )
+    worker.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    worker.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    worker.add_argument(
+        "--max-trials", type=int, metavar="N", help="stop this worker after N trials"
+    )
+
+    status = commands.add_parser("status", parents=[common], help="one row per trial")
+    status.add_argument("--study", required=True, metavar="NAME")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _study_create(args: argparse.Namespace) -> int:
+    from service.spec import load_spec
+    from service.study import create_or_attach
+
+    # Validate the whole spec before touching the storage: bad input writes nothing.
+    spec = load_spec(args.spec)
+    url = resolve_storage_url(args.storage)
+    created = create_or_attach(open_storage(url), spec)
+    verb = "created" if created else "attached to existing"
+    logger.info("%s study %r in %s (budget %d trials)", verb, spec.name, redact(url), spec.n_trials)
+    return 0
+
+
+def _study_list(args: argparse.Namespace) -> int:
+    from service.storage import study_names
+
+    for name in study_names(open_storage(resolve_storage_url(args.storage))):
+        sys.stdout.write(name + "\n")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import transformers
+
+    from workers.worker import WorkerOptions, run_worker
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    options = WorkerOptions(
+        storage_url=resolve_storage_url(args.storage),
+        study_name=args.study,
+        artifacts_dir=resolve_artifacts_dir(args.artifacts),
+        device=args.device,
+        threads=args.threads,
+        max_trials=args.max_trials,
+    )
+    return run_worker(options)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from service.status import format_json, format_table, trial_rows
+    from service.study import load_stored_spec
+
+    storage = open_storage(resolve_storage_url(args.storage))
+    spec = load_stored_spec(storage, args.study)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    rows = trial_rows(study, list(spec.search_space))
+    text = format_json(rows) if args.format == "json" else format_table(rows)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    handlers = {
+        ("study", "create"): _study_create,
+        ("study", "list"): _study_list,
+        ("worker", None): _worker,
+        ("status", None): _status,
+    }
+    handler = handlers[(args.command, getattr(args, "study_command", None))]
+    try:
+        return handler(args)
+    except KdsearchError as exc:
+        # A problem the user can fix: one clear message, no traceback.
+        logger.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

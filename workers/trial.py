@@ -1,0 +1,131 @@
+"""One trial: distil a fresh student's prediction layer, then score it (setup, train,
+evaluate, cleanup)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from service.spec import Hyperparameters, StudySpec
+from workers.assets import StudyAssets
+from workers.data import NUM_LABELS
+from workers.distill import SoftCrossEntropy, fit, predict_logits
+from workers.metrics import confidence_stats, expected_calibration_error, task_metrics
+from workers.models import load_student
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    sigma: float
+    accuracy_drop: float
+    attrs: dict[str, Any]  # every figure worth keeping, stored as trial user attrs
+    student_probs_train: np.ndarray = field(repr=False)  # (N_train, C)
+    student_probs_dev: np.ndarray = field(repr=False)  # (N_dev, C)
+
+
+class DistillationTrial:
+    """TinyBERT stage 2 for one hyperparameter setting."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        assets: StudyAssets,
+        hparams: Hyperparameters,
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.assets = assets
+        self.hparams = hparams
+        self.device = device
+        self.student: PreTrainedModel | None = None
+
+    def setup(self) -> None:
+        self.student = load_student(
+            self.spec.student, self.spec.teacher.model, NUM_LABELS, seed=self.spec.seed
+        )
+
+    def train(self) -> list[float]:
+        assert self.student is not None, "call setup() first"
+        return fit(
+            self.student,
+            self.assets.train,
+            self.assets.teacher_logits_train,
+            SoftCrossEntropy(self.hparams.temperature),
+            self.hparams,
+            self.device,
+            seed=self.spec.seed,
+            pad_id=self.assets.pad_id,
+        )
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        """Student probabilities at T = 1 on train and dev: (N_train, C), (N_dev, C)."""
+        assert self.student is not None, "call setup() first"
+        probs = []
+        for data in (self.assets.train, self.assets.dev):
+            logits = predict_logits(
+                self.student, data, self.spec.eval_batch_size, self.device, self.assets.pad_id
+            )
+            probs.append(torch.softmax(logits, -1).numpy())
+        return probs[0], probs[1]
+
+    def cleanup(self) -> None:
+        self.student = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(self) -> TrialResult:
+        start = time.perf_counter()
+        try:
+            self.setup()
+            losses = self.train()
+            probs_train, probs_dev = self.evaluate()
+        finally:
+            self.cleanup()
+        return score(self.spec, self.assets, probs_train, probs_dev, losses, start)
+
+
+def score(
+    spec: StudySpec,
+    assets: StudyAssets,
+    probs_train: np.ndarray,
+    probs_dev: np.ndarray,
+    epoch_losses: list[float],
+    start: float,
+) -> TrialResult:
+    labels_train = assets.train.labels.numpy()
+    labels_dev = assets.dev.labels.numpy()
+    teacher_train = torch.softmax(assets.teacher_logits_train, -1).numpy()
+    teacher_dev = torch.softmax(assets.teacher_logits_dev, -1).numpy()
+    on_train = confidence_stats(teacher_train, probs_train, labels_train)
+    on_dev = confidence_stats(teacher_dev, probs_dev, labels_dev)
+    student_dev = task_metrics(spec.task, probs_dev, labels_dev)
+    accuracy_drop = assets.teacher_dev_accuracy - student_dev["accuracy"]
+    attrs: dict[str, Any] = {
+        "sigma": on_train.sigma,
+        "accuracy_drop": accuracy_drop,
+        **on_train.as_dict("train_"),
+        **on_dev.as_dict("dev_"),
+        **{f"teacher_dev_{k}": v for k, v in assets.teacher_metrics.items()},
+        **{f"student_dev_{k}": v for k, v in student_dev.items()},
+        "student_train_accuracy": float(np.mean(probs_train.argmax(1) == labels_train)),
+        "teacher_train_ece": expected_calibration_error(teacher_train, labels_train),
+        "student_train_ece": expected_calibration_error(probs_train, labels_train),
+        "teacher_dev_ece": expected_calibration_error(teacher_dev, labels_dev),
+        "student_dev_ece": expected_calibration_error(probs_dev, labels_dev),
+        "epoch_losses": epoch_losses,
+        # Interpretive bound of the paper (sec. 1.4): sqrt(beta / |X_train|) with beta the
+        # final stage-2 loss summed over the train set, i.e. sqrt(mean final loss).
+        "sigma_bound": float(np.sqrt(epoch_losses[-1])) if epoch_losses else float("nan"),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    return TrialResult(on_train.sigma, accuracy_drop, attrs, probs_train, probs_dev)
