@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import optuna
 
 from service.errors import KdsearchError
+from service.spec import TASKS
 from service.storage import (
     ARTIFACTS_ENV,
     STORAGE_ENV,
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--max-trials", type=int, metavar="N", help="stop this worker after N trials"
     )
+
+    score = commands.add_parser(
+        "score", help="confidence figures of a teacher/student pair of prediction CSVs"
+    )
+    score.add_argument("--teacher", required=True, metavar="T.csv", help="pred,p0,p1,...,label")
+    score.add_argument("--student", required=True, metavar="S.csv", help="same rows, same order")
+    score.add_argument(
+        "--task", choices=TASKS, help="adds the task's GLUE metric (F1 for mrpc/qqp, MCC for cola)"
+    )
+    score.add_argument("--format", choices=("table", "json"), default="table")
+    score.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     status = commands.add_parser("status", parents=[common], help="one row per trial")
     status.add_argument("--study", required=True, metavar="NAME")
@@ -135,6 +147,23 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from workers.score import score_files
+
+    figures = score_files(Path(args.teacher), Path(args.student), args.task)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(figures, indent=2) + "\n")
+    else:
+        width = max(len(k) for k in figures)
+        for key, value in figures.items():
+            shown = f"{value:.6f}" if isinstance(value, float) else str(value)
+            sys.stdout.write(f"{key.ljust(width)}  {shown}\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
@@ -143,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("study", "list"): _study_list,
         ("worker", None): _worker,
         ("status", None): _status,
+        ("score", None): _score,
     }
     handler = handlers[(args.command, getattr(args, "study_command", None))]
     try:

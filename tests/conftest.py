@@ -162,7 +162,7 @@ data:
   dev_limit: 64
 teacher:
   model: {model_dir}
-  finetune: {{epochs: 3, learning_rate: 2.0e-3, batch_size: 16}}
+  finetune: {{epochs: 5, learning_rate: 5.0e-3, batch_size: 16}}
 student:
   teacher_layers: 1
 max_seq_length: 32

@@ -41,6 +41,7 @@ class StudyAssets:
     teacher_logits_train: torch.Tensor  # (N_train, C)
     teacher_logits_dev: torch.Tensor  # (N_dev, C)
     teacher_metrics: dict[str, float]  # dev metrics of the teacher (accuracy, f1/mcc)
+    teacher_train_accuracy: float
     pad_id: int
     folder: Path
 
@@ -56,7 +57,7 @@ def assets_key(spec: StudySpec) -> str:
         "task": spec.task,
         "max_seq_length": spec.max_seq_length,
         "seed": spec.seed,
-        "version": 1,
+        "version": 2,  # bump when the saved format changes
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -132,7 +133,8 @@ def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None
             "dev": dev,
             "teacher_logits_train": logits_train,
             "teacher_logits_dev": logits_dev,
-            "teacher_metrics": {**dev_metrics, "train_accuracy": train_accuracy},
+            "teacher_metrics": dev_metrics,
+            "teacher_train_accuracy": train_accuracy,
             "pad_id": pad_id,
         },
         folder / "assets.pt",

@@ -115,3 +115,17 @@ def task_metrics(task: str, probs: np.ndarray, labels: np.ndarray) -> dict[str, 
     if task == "cola":
         out["mcc"] = matthews_corrcoef(probs, labels)
     return out
+
+
+def agreement_rate(teacher_probs: np.ndarray, student_probs: np.ndarray) -> float:
+    """Fraction of inputs where both models predict the same class."""
+    return float(
+        np.mean(np.asarray(teacher_probs).argmax(1) == np.asarray(student_probs).argmax(1))
+    )
+
+
+def mean_kl(teacher_probs: np.ndarray, student_probs: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean over inputs of KL(teacher || student), in nats (probabilities clipped at eps)."""
+    p = np.clip(np.asarray(teacher_probs, dtype=np.float64), eps, 1.0)
+    q = np.clip(np.asarray(student_probs, dtype=np.float64), eps, 1.0)
+    return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))

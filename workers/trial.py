@@ -117,6 +117,7 @@ def score(
         **on_dev.as_dict("dev_"),
         **{f"teacher_dev_{k}": v for k, v in assets.teacher_metrics.items()},
         **{f"student_dev_{k}": v for k, v in student_dev.items()},
+        "teacher_train_accuracy": assets.teacher_train_accuracy,
         "student_train_accuracy": float(np.mean(probs_train.argmax(1) == labels_train)),
         "teacher_train_ece": expected_calibration_error(teacher_train, labels_train),
         "student_train_ece": expected_calibration_error(probs_train, labels_train),
