@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--max-trials", type=int, metavar="N", help="stop this worker after N trials"
     )
+    worker.add_argument(
+        "--storage-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to keep reconnecting to a lost database before exiting 3 (default 600)",
+    )
 
     score = commands.add_parser(
         "score", help="confidence figures of a teacher/student pair of prediction CSVs"
@@ -130,6 +137,7 @@ def _worker(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         max_trials=args.max_trials,
+        storage_timeout_s=args.storage_timeout,
     )
     return run_worker(options)
 

@@ -58,13 +58,12 @@ class DataSpec(_Section):
     def _path_matches_source(self) -> DataSpec:
         if self.source == "local" and not self.path:
             raise ValueError(
-                "data.source is 'local' but data.path is missing; "
-                "set data.path to a GLUE folder or use data.source: hub"
+                "source is 'local' but path is missing; "
+                "set path to a GLUE folder or use source: hub"
             )
         if self.source == "hub" and self.path:
             raise ValueError(
-                f"data.path {self.path!r} is set but data.source is 'hub'; "
-                "remove data.path or use data.source: local"
+                f"path {self.path!r} is set but source is 'hub'; remove path or use source: local"
             )
         return self
 
@@ -97,8 +96,8 @@ class StudentSpec(_Section):
     def _exactly_one(self) -> StudentSpec:
         if (self.model is None) == (self.teacher_layers is None):
             raise ValueError(
-                "give exactly one of student.model (a path or hub id) "
-                "or student.teacher_layers (the teacher's first k layers)"
+                "give exactly one of model (a path or hub id) "
+                "or teacher_layers (the teacher's first k layers)"
             )
         return self
 
@@ -149,6 +148,50 @@ class Thresholds(_Section):
     """Largest allowed (teacher - student) dev accuracy, as a fraction (0.01 = 1 point)."""
 
 
+class PruningSpec(_Section):
+    """Early stopping from a cheap probe after every epoch (see ``service/pruning.py``)."""
+
+    rule: Literal["none", "threshold", "pareto", "threshold+pareto"] = "threshold"
+    """Which rule prunes. Probes are recorded whatever the rule, ``none`` included."""
+    probe_size: Annotated[int, Field(gt=0)] = 1000
+    """Train rows in the probe's sigma: a fixed, seeded subset, the same for every trial."""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    """Probes at these first epochs never prune."""
+    sigma_tolerance: Annotated[float, Field(ge=0)] = 0.5
+    """Threshold rule: relative slack on sigma_max at the first decision (0.5: prune above
+    1.5 x sigma_max), shrinking linearly to 0 at the last epoch."""
+    accuracy_drop_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.05
+    """Threshold rule: absolute slack on accuracy_drop_max at the first decision,
+    shrinking linearly to 0 at the last epoch."""
+    pareto_min_trials: Annotated[int, Field(ge=1)] = 3
+    """Pareto rule: prune when at least this many finished trials dominate the probe..."""
+    pareto_margin: Annotated[float, Field(ge=0)] = 0.01
+    """...by at least this margin in both sigma and accuracy_drop, at the same epoch."""
+
+
+class ReliabilitySpec(_Section):
+    """How the study survives dead workers; shared by every worker, hence in the spec."""
+
+    heartbeat_interval_s: Annotated[int, Field(gt=0)] = 30
+    """Each running trial's worker writes a heartbeat this often (from its own thread, so
+    long epochs do not delay it)."""
+    grace_period_s: Annotated[int, Field(gt=0)] = 300
+    """A RUNNING trial with no heartbeat for this long belongs to a dead worker: it is
+    failed and re-queued. Must be well above heartbeat_interval_s."""
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    """Re-runs (same hyperparameters) of a trial that failed or whose worker died."""
+
+    @model_validator(mode="after")
+    def _grace_above_interval(self) -> ReliabilitySpec:
+        if self.grace_period_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"grace_period_s {self.grace_period_s} must be at least twice "
+                f"heartbeat_interval_s {self.heartbeat_interval_s}, or live trials would be "
+                "failed as stale; raise grace_period_s"
+            )
+        return self
+
+
 class SamplerSpec(_Section):
     name: Literal["tpe", "nsga2", "random"] = "tpe"
     n_startup_trials: Annotated[int, Field(ge=0)] = 10
@@ -172,6 +215,8 @@ class StudySpec(_Section):
     """The study's total trial budget, across all workers."""
     seed: int = 42
     sampler: SamplerSpec = SamplerSpec()
+    pruning: PruningSpec = PruningSpec()
+    reliability: ReliabilitySpec = ReliabilitySpec()
     eval_batch_size: Annotated[int, Field(gt=0)] = 128
 
     @model_validator(mode="after")

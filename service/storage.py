@@ -10,11 +10,15 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 
 from service.errors import KdsearchError
@@ -54,8 +58,17 @@ def _engine_kwargs(url: str) -> dict[str, object]:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 1800}
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Connect (creating Optuna's tables on a fresh database) or raise one clear error."""
+def open_storage(
+    url: str,
+    heartbeat_interval_s: int | None = None,
+    grace_period_s: int | None = None,
+    stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> optuna.storages.RDBStorage:
+    """Connect (creating Optuna's tables on a fresh database) or raise one clear error.
+
+    Workers pass the heartbeat settings: they enable Optuna's stale-trial detection
+    (``fail_stale_trials``), with ``stale_trial_callback`` run on each trial it fails.
+    """
     shown = redact(url)
     try:
         parsed = make_url(url)
@@ -72,7 +85,16 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         )
     try:
         with _schema_lock(url):
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            with warnings.catch_warnings():
+                # heartbeat_interval is "experimental" since optuna 2.9; it is what we rely on.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=_engine_kwargs(url),
+                    heartbeat_interval=heartbeat_interval_s,
+                    grace_period=grace_period_s,
+                    heartbeat_stale_trial_callback=stale_trial_callback,
+                )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         if parsed.password:
@@ -105,6 +127,49 @@ def _schema_lock(url: str) -> Iterator[None]:
                 )
     finally:
         engine.dispose()
+
+
+class StorageUnavailable(KdsearchError):
+    """The storage stayed unreachable longer than the worker's limit."""
+
+    exit_code = 3
+
+
+# Errors that mean "the database is (temporarily) gone"; Optuna wraps SQLAlchemy's
+# errors in StorageInternalError.
+_TRANSIENT = (
+    optuna.exceptions.StorageInternalError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+)
+
+T = TypeVar("T")
+
+
+def with_reconnect(call: Callable[[], T], what: str, limit_s: float) -> T:
+    """Run a storage call, retrying with exponential backoff (0.5 s .. 15 s) while the
+    database is unreachable; give up with ``StorageUnavailable`` after ``limit_s``."""
+    start = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except _TRANSIENT as exc:
+            waited = time.monotonic() - start
+            if waited >= limit_s:
+                raise StorageUnavailable(
+                    f"the storage was unreachable for {waited:.0f} s while {what} "
+                    f"(limit {limit_s:.0f} s, --storage-timeout): {_first_line(exc)}. Bring "
+                    "the database back and start the worker again; its trial will be re-run"
+                ) from None
+            logger.warning("storage unreachable while %s; retrying in %.1f s", what, delay)
+            time.sleep(min(delay, max(0.0, limit_s - waited)) or 0.1)
+            delay = min(delay * 2, 15.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 METRIC_NAMES = ["sigma", "accuracy_drop"]
 SPEC_ATTR = "kdsearch:spec"
 BASELINE_ATTR = "kdsearch:baseline"
+ATTEMPT_ATTR = "kdsearch:attempt"  # 0 for a first run, n for the n-th retry
+RETRY_OF_ATTR = "kdsearch:retry_of"  # number of the trial this one re-runs
+RETRY_REASON_ATTR = "kdsearch:retry_reason"  # why the trial it re-runs failed
+PROBES_ATTR = "probe_history"  # per-epoch probe points, kept for pruned trials too
 # A trial counts against the budget once it is done, running, or queued to run.
 _BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -46,8 +51,16 @@ class ThresholdConstraints:
         self.accuracy_drop_max = accuracy_drop_max
 
     def __call__(self, trial: FrozenTrial) -> Sequence[float]:
-        sigma = trial.user_attrs.get("sigma", float("inf"))
-        drop = trial.user_attrs.get("accuracy_drop", float("inf"))
+        attrs = trial.user_attrs
+        if "sigma" in attrs:
+            sigma, drop = attrs["sigma"], attrs["accuracy_drop"]
+        elif attrs.get(PROBES_ATTR):
+            # A pruned trial is judged by its last probe.
+            sigma, drop = attrs[PROBES_ATTR][-1]["sigma"], attrs[PROBES_ATTR][-1]["accuracy_drop"]
+        else:
+            sigma = drop = float("inf")
+        if sigma != sigma:  # NaN (no input right for both models) is never feasible
+            sigma = float("inf")
         return (sigma - self.sigma_max, drop - self.accuracy_drop_max)
 
 
@@ -85,7 +98,7 @@ def worker_seed(spec: StudySpec, worker_id: str | None = None) -> int:
 
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """Silence two warnings that are deliberate choices here.
+    """Silence warnings about deliberate choices.
 
     ``constraints_func`` is deprecated in optuna 5.0 in favour of ``trial.set_constraint``,
     but that writes ``constraints:<key>`` attrs which optuna-dashboard 0.21 does not read;
@@ -95,6 +108,8 @@ def _quiet_optuna() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        # We run our own heartbeat thread around ask/tell instead of Study.optimize.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         yield
 
 
@@ -181,27 +196,62 @@ def load_stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySp
     return StudySpec.model_validate(stored)
 
 
-def budget_used(study: optuna.Study) -> tuple[int, int]:
-    """(trials counted against the budget, of which WAITING)."""
-    trials = study.get_trials(deepcopy=False, states=_BUDGET_STATES)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return len(trials), waiting
+def requeue(
+    study: optuna.Study, failed: FrozenTrial, max_retries: int, reason: str, count: bool = True
+) -> bool:
+    """Queue a re-run of ``failed`` with the same hyperparameters, up to ``max_retries``.
+
+    Only the process that moved the trial to FAIL calls this (the state change is
+    conditional in the storage), so a trial is never re-queued twice. A re-run caused by
+    a stop request (``count=False``) does not use up a retry.
+    """
+    attempt = failed.user_attrs.get(ATTEMPT_ATTR, 0) + (1 if count else 0)
+    if attempt > max_retries:
+        logger.warning("trial %d failed %d times: not retried", failed.number, attempt)
+        return False
+    keep = {k: v for k, v in failed.user_attrs.items() if k == BASELINE_ATTR}
+    attrs = {**keep, ATTEMPT_ATTR: attempt, RETRY_OF_ATTR: failed.number, RETRY_REASON_ATTR: reason}
+    study.enqueue_trial(failed.params, user_attrs=attrs, skip_if_exists=False)
+    logger.info("trial %d re-queued (attempt %d of %d)", failed.number, attempt, max_retries)
+    return True
+
+
+class RequeueStale:
+    """``heartbeat_stale_trial_callback``: a trial whose worker died is re-queued."""
+
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        # The failed trial is finished and takes no more attrs: the retry says why.
+        requeue(study, trial, self.max_retries, reason="worker died (heartbeat stale)")
+
+
+class Claim(enum.Enum):
+    DONE = "the budget is spent"
+    WAIT = "no slot free, but trials are still running"
 
 
 def claim_trial(
     study: optuna.Study, spec: StudySpec, storage: optuna.storages.RDBStorage
-) -> optuna.Trial | None:
-    """Take the next trial, or None once the global budget is spent.
+) -> optuna.Trial | Claim:
+    """Take the next trial, or say why not.
 
-    WAITING trials (the baseline, retries) go first; a new one is sampled only while
-    done + running + waiting < n_trials. The count and the ask happen under the study
-    lock, so two workers can never both take the last slot.
+    Stale trials (dead workers) are failed and re-queued first. WAITING trials (the
+    baseline, retries) go next; a new one is sampled only while finished + running +
+    waiting < n_trials. The count and the ask happen under the study lock, so two
+    workers can never both take the last slot. With no slot free but trials running,
+    the caller should wait: a running trial may still fail and need a re-run.
     """
     with study_lock(storage, spec.name):
-        used, waiting = budget_used(study)
-        if waiting == 0 and used >= spec.n_trials:
-            return None
-        trial = study.ask()
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False, states=_BUDGET_STATES)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if waiting == 0 and len(trials) >= spec.n_trials:
+            return Claim.WAIT if running else Claim.DONE
+        with _quiet_optuna():
+            trial = study.ask()
         suggest(trial, spec)
         return trial
 

@@ -149,7 +149,13 @@ def write_spec(path: Path, text: str) -> Path:
 
 
 def tiny_spec_text(
-    name: str, model_dir: Path, data_dir: Path, n_trials: int = 3, extra: str = ""
+    name: str,
+    model_dir: Path,
+    data_dir: Path,
+    n_trials: int = 3,
+    extra: str = "",
+    pruning: str = "none",
+    grace: int = 4,
 ) -> str:
     """A complete, quick study spec on the tiny BERT and committed SST-2 rows."""
     return f"""\
@@ -177,4 +183,6 @@ defaults:
 n_trials: {n_trials}
 seed: 7
 sampler: {{name: tpe, n_startup_trials: 2}}
+pruning: {{rule: {pruning}, probe_size: 64}}
+reliability: {{heartbeat_interval_s: 1, grace_period_s: {grace}, max_retries: 2}}
 {extra}"""

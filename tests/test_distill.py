@@ -76,3 +76,30 @@ def test_length_grouped_batches_cover_every_row_once() -> None:
     # within a chunk rows are sorted by length, so batches are narrow
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
     assert spread / len(batches) < 4
+
+
+def test_a_nan_loss_stops_training(tiny_bert_dir) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from service.spec import Hyperparameters
+    from workers.data import Split
+    from workers.distill import encode, fit
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    data = encode(tokenizer, Split(["a fine film", "a dull film"] * 4, None, [1, 0] * 4), 16)
+    # An infinite learning rate turns the weights, then the loss, into NaN.
+    settings = Hyperparameters.model_construct(
+        learning_rate=float("inf"), batch_size=4, epochs=1, weight_decay=0.0, warmup_proportion=0.0
+    )
+    with pytest.raises(FloatingPointError, match="loss is nan in epoch 1"):
+        fit(
+            model,
+            data,
+            data.labels,
+            torch.nn.CrossEntropyLoss(),
+            settings,
+            torch.device("cpu"),
+            0,
+            0,
+        )

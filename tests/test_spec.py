@@ -109,7 +109,7 @@ BAD_VALUES = [
     ),
     (
         lambda r: r["student"].update(model="org/student"),
-        "student: give exactly one of student.model",
+        "student: give exactly one of model",
     ),
     (
         lambda r: r.update(thresholds={"sigma_max": -0.1}),

@@ -16,6 +16,7 @@ from service.study import (
     BASELINE_ATTR,
     METRIC_NAMES,
     SPEC_ATTR,
+    Claim,
     build_sampler,
     claim_trial,
     create_or_attach,
@@ -97,18 +98,22 @@ def test_claim_trial_enforces_the_global_budget(storage_url: str, spec: StudySpe
         for w in ("a", "b")
     ]
     first = claim_trial(studies[0], spec, storage)
-    assert first is not None and first.number == 0
+    assert isinstance(first, optuna.Trial) and first.number == 0
     assert first.params == {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}  # baseline
     second = claim_trial(studies[1], spec, storage)
     third = claim_trial(studies[0], spec, storage)
-    assert second is not None and third is not None
-    assert claim_trial(studies[1], spec, storage) is None  # 3 running: budget spent
+    assert isinstance(second, optuna.Trial) and isinstance(third, optuna.Trial)
+    # 3 running: no slot, but a running trial may still fail -> wait
+    assert claim_trial(studies[1], spec, storage) is Claim.WAIT
     studies[0].tell(first, [0.04, 0.0])
     studies[1].tell(second, state=TrialState.FAIL)
     # A failed trial frees its slot; finished ones do not.
     fourth = claim_trial(studies[1], spec, storage)
-    assert fourth is not None and fourth.number == 3
-    assert claim_trial(studies[0], spec, storage) is None
+    assert isinstance(fourth, optuna.Trial) and fourth.number == 3
+    assert claim_trial(studies[0], spec, storage) is Claim.WAIT
+    for trial in (third, fourth):
+        studies[0].tell(trial, [0.1, 0.1])
+    assert claim_trial(studies[0], spec, storage) is Claim.DONE
 
 
 def test_samplers_differ_per_worker_but_are_rebuilt_from_the_spec(spec: StudySpec) -> None:
@@ -124,7 +129,8 @@ def test_constraints_mark_feasibility(storage_url: str, spec: StudySpec) -> None
     study = optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, 0))
     outcomes = []
     for sigma, drop in [(0.03, 0.005), (0.08, 0.0), (0.01, 0.02)]:
-        trial = claim_trial(study, spec, storage) or pytest.fail("budget")
+        trial = claim_trial(study, spec, storage)
+        assert isinstance(trial, optuna.Trial)
         trial.set_user_attr("sigma", sigma)
         trial.set_user_attr("accuracy_drop", drop)
         study.tell(trial, [sigma, drop])

@@ -65,6 +65,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, index: list[int]) -> Encoded:
+        return Encoded(
+            [self.input_ids[i] for i in index],
+            None if self.token_type_ids is None else [self.token_type_ids[i] for i in index],
+            self.labels[index],
+        )
+
 
 def encode(tokenizer: PreTrainedTokenizerBase, split: Split, max_seq_length: int) -> Encoded:
     enc = tokenizer(
@@ -153,9 +160,13 @@ def fit(
     device: torch.device,
     seed: int,
     pad_id: int,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``model`` on ``data`` against ``targets`` (teacher logits (N, C) for
-    distillation, labels (N,) for fine-tuning). Returns the mean loss of each epoch."""
+    distillation, labels (N,) for fine-tuning). Returns the mean loss of each epoch.
+
+    ``on_epoch_end(epoch)`` (1-based) runs after each epoch, e.g. a probe evaluation that
+    may raise to stop training; the model is back in train mode afterwards."""
     model.to(device).train()
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -192,6 +203,9 @@ def fit(
             raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
         logger.info("epoch %d/%d: loss %.6f", epoch + 1, settings.epochs, mean_loss)
         epoch_losses.append(mean_loss)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+            model.train()
     return epoch_losses
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,11 +14,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from service.pruning import ProbePoint
 from service.spec import Hyperparameters, StudySpec
 from workers.assets import StudyAssets
 from workers.data import NUM_LABELS
 from workers.distill import SoftCrossEntropy, fit, predict_logits
-from workers.metrics import confidence_stats, expected_calibration_error, task_metrics
+from workers.metrics import (
+    accuracy,
+    confidence_stats,
+    expected_calibration_error,
+    task_metrics,
+)
 from workers.models import load_student
 
 logger = logging.getLogger(__name__)
@@ -32,8 +39,20 @@ class TrialResult:
     student_probs_dev: np.ndarray = field(repr=False)  # (N_dev, C)
 
 
+def probe_indices(n_train: int, size: int, seed: int) -> list[int]:
+    """A fixed, seeded subset of train rows: every trial's probe sees the same inputs."""
+    if size >= n_train:
+        return list(range(n_train))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_train, generator=generator)[:size].tolist())
+
+
 class DistillationTrial:
-    """TinyBERT stage 2 for one hyperparameter setting."""
+    """TinyBERT stage 2 for one hyperparameter setting.
+
+    ``on_probe`` receives a ``ProbePoint`` after every epoch (sigma on the probe subset of
+    train, accuracy_drop on dev); it records it and may raise ``optuna.TrialPruned``.
+    """
 
     def __init__(
         self,
@@ -41,12 +60,17 @@ class DistillationTrial:
         assets: StudyAssets,
         hparams: Hyperparameters,
         device: torch.device,
+        on_probe: Callable[[ProbePoint], None] | None = None,
     ) -> None:
         self.spec = spec
         self.assets = assets
         self.hparams = hparams
         self.device = device
+        self.on_probe = on_probe
         self.student: PreTrainedModel | None = None
+        index = probe_indices(len(assets.train), spec.pruning.probe_size, spec.seed)
+        self.probe_data = assets.train.subset(index)
+        self.probe_teacher = torch.softmax(assets.teacher_logits_train[index], -1).numpy()
 
     def setup(self) -> None:
         self.student = load_student(
@@ -64,7 +88,36 @@ class DistillationTrial:
             self.device,
             seed=self.spec.seed,
             pad_id=self.assets.pad_id,
+            on_epoch_end=self.probe if self.on_probe is not None else None,
         )
+
+    def probe(self, epoch: int) -> None:
+        """The cheap per-epoch evaluation the pruner decides from."""
+        assert self.student is not None and self.on_probe is not None
+        batch, pad = self.spec.eval_batch_size, self.assets.pad_id
+        probe_logits = predict_logits(self.student, self.probe_data, batch, self.device, pad)
+        dev_logits = predict_logits(self.student, self.assets.dev, batch, self.device, pad)
+        sigma = confidence_stats(
+            self.probe_teacher,
+            torch.softmax(probe_logits, -1).numpy(),
+            self.probe_data.labels.numpy(),
+        ).sigma
+        student_dev = accuracy(
+            torch.softmax(dev_logits, -1).numpy(), self.assets.dev.labels.numpy()
+        )
+        point = ProbePoint(
+            epoch=epoch,
+            epochs=self.hparams.epochs,
+            sigma=sigma,
+            accuracy_drop=self.assets.teacher_dev_accuracy - student_dev,
+        )
+        logger.info(
+            "probe after epoch %d: sigma %.6f, accuracy_drop %.4f",
+            epoch,
+            sigma,
+            point.accuracy_drop,
+        )
+        self.on_probe(point)
 
     def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
         """Student probabilities at T = 1 on train and dev: (N_train, C), (N_dev, C)."""

@@ -1,4 +1,16 @@
-"""The worker loop: claim a trial, run it, record it, until the global budget is spent."""
+"""The worker loop: claim a trial, run it under a heartbeat, record it, until the study's
+global budget is spent.
+
+Guarantees (tested in tests/test_reliability.py):
+- a trial whose code raises is FAIL with its error kept, and re-queued (same
+  hyperparameters) up to ``reliability.max_retries``; the worker goes on;
+- a trial whose worker died (kill -9, lost machine) stops beating; after
+  ``grace_period_s`` any worker fails it and re-queues it;
+- SIGTERM / SIGINT fail the running trial, re-queue it (without using up a retry) and
+  exit 0 within seconds: no trial is left RUNNING;
+- storage calls survive a database outage, reconnecting with backoff up to
+  ``--storage-timeout``, after which the worker exits 3 with a clear message.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +19,14 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import optuna
 import torch
@@ -19,12 +34,17 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from service.errors import KdsearchError
+from service.pruning import ProbePoint, should_prune
 from service.spec import StudySpec
-from service.storage import open_storage
+from service.storage import open_storage, with_reconnect
 from service.study import (
+    PROBES_ATTR,
+    Claim,
+    RequeueStale,
     build_sampler,
     claim_trial,
     load_stored_spec,
+    requeue,
     trial_hyperparameters,
     worker_seed,
 )
@@ -33,13 +53,14 @@ from workers.predictions import write_predictions
 from workers.trial import DistillationTrial, TrialResult
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A worker whose trials keep raising stops rather than burn the whole budget on FAILs.
 MAX_CONSECUTIVE_FAILURES = 3
 
 
 class StopRequested(BaseException):
-    """SIGTERM or SIGINT arrived: fail the current trial (so it can be retried) and exit."""
+    """SIGTERM or SIGINT arrived: fail the current trial (so it is re-queued) and exit."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,7 @@ class WorkerOptions:
     device: str = "auto"
     threads: int | None = None
     max_trials: int | None = None
+    storage_timeout_s: float = 600.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,121 +82,276 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise StopRequested(signal.Signals(signum).name)
+class GracefulStop:
+    """Turns SIGTERM / SIGINT into ``StopRequested`` at a safe point.
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    Inside ``interruptible()`` (the trial's computation) the signal raises at once; in
+    storage calls and lock sections it is deferred to the next ``check()``, so a stop
+    never leaves a half-done database update behind.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._interruptible = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = signal.Signals(signum).name
+        if self._interruptible:
+            self._interruptible = False
+            raise StopRequested(self.requested)
+
+    def check(self) -> None:
+        if self.requested:
+            raise StopRequested(self.requested)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.check()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+
+class Heartbeat:
+    """Beats for one running trial from a daemon thread, and fails other workers' stale
+    trials on the way, so dead workers' trials are re-queued even while every live
+    worker is busy training. Storage errors are logged, never fatal: a beat missed during
+    a database outage is made up by the next one."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval_s: float) -> None:
+        self.study = study
+        self.trial_id = trial_id
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kdsearch-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        storage = self.study._storage
+        while not self._stop.is_set():
+            try:
+                storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                optuna.storages.fail_stale_trials(self.study)
+            except Exception as exc:  # a heartbeat must never kill the worker
+                logger.warning("heartbeat failed (will retry): %s", str(exc).splitlines()[0])
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class Worker:
+    """One worker process: setup (storage, spec, sampler, assets), then the trial loop."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.stop = GracefulStop()
+        self.host = socket.gethostname()
+
+    def _db(self, call: Callable[[], T], what: str) -> T:
+        return with_reconnect(call, what, self.options.storage_timeout_s)
+
+    def setup(self) -> None:
+        options = self.options
+        spec = load_stored_spec(open_storage(options.storage_url), options.study_name)
+        rel = spec.reliability
+        self.storage = open_storage(
+            options.storage_url,
+            heartbeat_interval_s=rel.heartbeat_interval_s,
+            grace_period_s=rel.grace_period_s,
+            stale_trial_callback=RequeueStale(rel.max_retries),
+        )
+        self.spec: StudySpec = spec
+        self.study = optuna.load_study(
+            study_name=spec.name,
+            storage=self.storage,
+            sampler=build_sampler(spec, worker_seed(spec)),
+        )
+        self.device = pick_device(options.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(options.threads or os.cpu_count() or 1)
+        store_dir = options.artifacts_dir / "optuna"
+        store_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_store = FileSystemArtifactStore(str(store_dir))
+        with self.stop.interruptible():  # fine-tuning a teacher can take long
+            self.assets: StudyAssets = prepare_assets(
+                spec, options.artifacts_dir / "cache", self.device
+            )
+
+    def run(self) -> int:
+        """Run trials until the budget is reached. Returns the process exit code."""
+        with self.stop.installed():
+            try:
+                self.setup()
+                return self._loop()
+            except StopRequested as stop:
+                logger.warning("received %s: stopped", stop)
+                return 0
+
+    def _loop(self) -> int:
+        ran = failures = 0
+        poll_s = min(5.0, float(self.spec.reliability.heartbeat_interval_s))
+        while self.options.max_trials is None or ran < self.options.max_trials:
+            self.stop.check()
+            claimed = self._db(
+                lambda: claim_trial(self.study, self.spec, self.storage), "claiming a trial"
+            )
+            if claimed is Claim.DONE:
+                logger.info(
+                    "study %s: budget of %d trials reached", self.spec.name, self.spec.n_trials
+                )
+                break
+            if claimed is Claim.WAIT:
+                # Others' trials are running; one may still fail and need a re-run.
+                time.sleep(poll_s)
+                continue
+            ok = self._run_trial(claimed)
+            ran += 1
+            failures = 0 if ok else failures + 1
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                logger.error("%d trials failed in a row; stopping this worker", failures)
+                return 1
+        return 0
+
+    def _run_trial(self, trial: optuna.Trial) -> bool:
+        """Run one trial and map its outcome to a state. True unless it FAILed."""
+        spec = self.spec
+        for key, value in {
+            "worker_host": self.host,
+            "worker_pid": os.getpid(),
+            "device": str(self.device),
+        }.items():
+            self._db(lambda k=key, v=value: trial.set_user_attr(k, v), "recording the trial")
+        history: list[ProbePoint] = []
+        try:
+            hparams = trial_hyperparameters(spec, trial.params)
+            self._db(
+                lambda: trial.set_user_attr("hyperparameters", hparams.model_dump()),
+                "recording the trial",
+            )
+            logger.info("trial %d: %s", trial.number, hparams.model_dump())
+            job = DistillationTrial(
+                spec,
+                self.assets,
+                hparams,
+                self.device,
+                on_probe=lambda p: self._on_probe(trial, history, p),
+            )
+            with Heartbeat(self.study, trial._trial_id, spec.reliability.heartbeat_interval_s):
+                with self.stop.interruptible():
+                    result = job.run()
+                self._record(trial, result)
+        except optuna.TrialPruned as pruned:
+            logger.info("trial %d pruned: %s", trial.number, pruned)
+            self._finish(trial, state=TrialState.PRUNED)
+            return True
+        except StopRequested:
+            self._fail(trial, "worker stopped during the trial (re-queued)", count=False)
+            raise
+        except Exception as exc:
+            logger.error("trial %d failed: %s", trial.number, exc, exc_info=True)
+            self._fail(trial, f"{type(exc).__name__}: {exc}", count=True)
+            return False
+        if result.sigma != result.sigma:  # NaN: no input predicted right by both models
+            self._fail(trial, "no train input is predicted right by both models", count=True)
+            return False
+        # Objectives: sigma on X_train and the dev accuracy drop, both minimised.
+        self._finish(trial, values=[result.sigma, result.accuracy_drop])
+        logger.info(
+            "trial %d: sigma %.6f, accuracy_drop %.4f (%.1f s)",
+            trial.number, result.sigma, result.accuracy_drop, result.attrs["wall_time_s"],
+        )  # fmt: skip
+        return True
+
+    def _on_probe(self, trial: optuna.Trial, history: list[ProbePoint], point: ProbePoint) -> None:
+        """Record the probe (visible in optuna-dashboard as a user attr), then ask the
+        pruning rules. Raises ``optuna.TrialPruned`` to stop the trial."""
+        history.append(point)
+        points = [p.as_dict() for p in history]
+        self._db(lambda: trial.set_user_attr(PROBES_ATTR, points), "recording a probe")
+        finished: list[list[ProbePoint]] = []
+        if "pareto" in self.spec.pruning.rule:
+            done = self._db(
+                lambda: self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                "reading finished trials",
+            )
+            finished = [
+                [ProbePoint.from_dict(p) for p in t.user_attrs.get(PROBES_ATTR, [])] for t in done
+            ]
+        rule = should_prune(history, finished, self.spec.thresholds, self.spec.pruning)
+        if rule:
+            self._db(lambda: trial.set_user_attr("pruned_by", rule), "recording the pruning")
+            raise optuna.TrialPruned(
+                f"rule {rule!r} at epoch {point.epoch}/{point.epochs}: probe sigma "
+                f"{point.sigma:.4f}, accuracy_drop {point.accuracy_drop:.4f}"
+            )
+
+    def _finish(self, trial: optuna.Trial, **outcome: object) -> None:
+        def tell() -> None:
+            try:
+                self.study.tell(trial, **outcome)  # type: ignore[arg-type]
+            except ValueError as exc:
+                # Already finished: an earlier attempt of this call went through before the
+                # connection dropped, or another worker failed the trial as stale during a
+                # long outage (then it was re-queued and will run again).
+                logger.warning("trial %d was already finished: %s", trial.number, exc)
+
+        self._db(tell, f"finishing trial {trial.number}")
+
+    def _fail(self, trial: optuna.Trial, error: str, count: bool) -> None:
+        self._db(lambda: trial.set_user_attr("error", error), "recording the error")
+        self._finish(trial, state=TrialState.FAIL)
+        frozen = self._db(lambda: self.study.trials[trial.number], "reading the failed trial")
+        if frozen.state == TrialState.FAIL:
+            self._db(
+                lambda: requeue(
+                    self.study, frozen, self.spec.reliability.max_retries, error, count
+                ),
+                "re-queueing the trial",
+            )
+
+    def _record(self, trial: optuna.Trial, result: TrialResult) -> None:
+        """User attrs, then the prediction files of both models as trial artifacts, so any
+        trial can be scored again (``pred,p0,p1,label``, rows in the split's order)."""
+        for key, value in result.attrs.items():
+            self._db(lambda k=key, v=value: trial.set_user_attr(k, v), "recording results")
+        assets = self.assets
+        artifact_ids = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {
+                "student_train.csv": (result.student_probs_train, assets.train.labels),
+                "student_dev.csv": (result.student_probs_dev, assets.dev.labels),
+            }
+            paths = {}
+            for name, (probs, labels) in files.items():
+                paths[name] = Path(tmp) / name
+                write_predictions(paths[name], probs, labels.numpy())
+            for name in ("teacher_train.csv", "teacher_dev.csv"):
+                paths[name] = assets.folder / name
+            for name, path in paths.items():
+                artifact_ids[name] = self._db(
+                    lambda p=path: upload_artifact(
+                        artifact_store=self.artifact_store, file_path=str(p), study_or_trial=trial
+                    ),
+                    "uploading artifacts",
+                )
+        self._db(lambda: trial.set_user_attr("artifacts", artifact_ids), "recording artifacts")
 
 
 def run_worker(options: WorkerOptions) -> int:
-    """Run trials until the study's budget is reached. Returns the process exit code."""
-    storage = open_storage(options.storage_url)
-    spec = load_stored_spec(storage, options.study_name)
-    study = optuna.load_study(
-        study_name=spec.name, storage=storage, sampler=build_sampler(spec, worker_seed(spec))
-    )
-    device = pick_device(options.device)
-    if device.type == "cpu":
-        torch.set_num_threads(options.threads or os.cpu_count() or 1)
-    artifact_store = FileSystemArtifactStore(str(options.artifacts_dir / "optuna"))
-    (options.artifacts_dir / "optuna").mkdir(parents=True, exist_ok=True)
-    ran = failures = 0
-    with _stop_on_signals():
-        try:
-            assets = prepare_assets(spec, options.artifacts_dir / "cache", device)
-            while options.max_trials is None or ran < options.max_trials:
-                trial = claim_trial(study, spec, storage)
-                if trial is None:
-                    logger.info("study %s: budget of %d trials reached", spec.name, spec.n_trials)
-                    break
-                ok = _run_trial(study, trial, spec, assets, device, artifact_store)
-                ran += 1
-                failures = 0 if ok else failures + 1
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    logger.error("%d trials failed in a row; stopping this worker", failures)
-                    return 1
-        except StopRequested as stop:
-            logger.warning("received %s: stopping", stop)
-            return 0
-    return 0
-
-
-def _run_trial(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    spec: StudySpec,
-    assets: StudyAssets,
-    device: torch.device,
-    artifact_store: FileSystemArtifactStore,
-) -> bool:
-    """Run one trial and map its outcome to a state (COMPLETE or FAIL). True if COMPLETE."""
-    hparams = trial_hyperparameters(spec, trial.params)
-    trial.set_user_attr("worker_host", socket.gethostname())
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("hyperparameters", hparams.model_dump())
-    logger.info("trial %d: %s", trial.number, hparams.model_dump())
-    try:
-        result = DistillationTrial(spec, assets, hparams, device).run()
-        _record(trial, result, assets, artifact_store)
-    except Exception as exc:
-        logger.error("trial %d failed: %s", trial.number, exc, exc_info=True)
-        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
-        return False
-    except BaseException:
-        # StopRequested / KeyboardInterrupt: never leave the trial RUNNING.
-        trial.set_user_attr("error", "worker stopped during the trial")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    if result.sigma != result.sigma:  # NaN: no input was predicted right by both models
-        trial.set_user_attr("error", "no train input is predicted right by both models")
-        study.tell(trial, state=TrialState.FAIL)
-        return False
-    # Objectives: sigma on X_train and the dev accuracy drop, both minimised.
-    study.tell(trial, values=[result.sigma, result.accuracy_drop])
-    logger.info(
-        "trial %d: sigma %.6f, accuracy_drop %.4f (%.1f s)",
-        trial.number,
-        result.sigma,
-        result.accuracy_drop,
-        result.attrs["wall_time_s"],
-    )
-    return True
-
-
-def _record(
-    trial: optuna.Trial,
-    result: TrialResult,
-    assets: StudyAssets,
-    artifact_store: FileSystemArtifactStore,
-) -> None:
-    """User attrs, then the prediction files of both models as trial artifacts, so any
-    trial can be scored again (``pred,p0,p1,label``, rows in the split's order)."""
-    for key, value in result.attrs.items():
-        trial.set_user_attr(key, value)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {
-            "student_train.csv": (result.student_probs_train, assets.train),
-            "student_dev.csv": (result.student_probs_dev, assets.dev),
-        }
-        artifact_ids = {}
-        for name, (probs, data) in files.items():
-            path = Path(tmp) / name
-            write_predictions(path, probs, data.labels.numpy())
-            artifact_ids[name] = upload_artifact(
-                artifact_store=artifact_store, file_path=str(path), study_or_trial=trial
-            )
-        for name in ("teacher_train.csv", "teacher_dev.csv"):
-            artifact_ids[name] = upload_artifact(
-                artifact_store=artifact_store,
-                file_path=str(assets.folder / name),
-                study_or_trial=trial,
-            )
-    trial.set_user_attr("artifacts", artifact_ids)
+    return Worker(options).run()

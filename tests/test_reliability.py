@@ -1,0 +1,257 @@
+"""Never lose a trial: real worker processes on real PostgreSQL, killed, stopped, cut off.
+
+(a) three workers finish exactly the budget, each queued trial once; (b) kill -9 mid-trial:
+the trial is failed as stale and its re-run completes; (c) a PostgreSQL restart under two
+workers loses nothing; (d) SIGTERM leaves no RUNNING trial and exits 0; (e) resume;
+(g) a pruned trial keeps its probes, an infeasible finished trial is marked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from service.spec import StudySpec, load_spec
+from service.storage import open_storage
+from service.study import (
+    ATTEMPT_ATTR,
+    PROBES_ATTR,
+    RETRY_OF_ATTR,
+    RETRY_REASON_ATTR,
+    create_or_attach,
+    is_feasible,
+)
+from tests.conftest import ROOT, PrivatePostgres, tiny_spec_text, write_spec
+from workers.worker import Worker, WorkerOptions
+
+pytestmark = pytest.mark.slow
+
+
+def make_study(
+    url: str,
+    tmp_path: Path,
+    tiny_bert_dir: Path,
+    fixture_glue: Path,
+    name: str,
+    n_trials: str = "3",
+    grace: str = "4",
+    pruning: str = "none",
+    **edits: str,
+) -> StudySpec:
+    """The tiny study, with ``old=new`` text edits applied to its YAML."""
+    data = fixture_glue / "SST-2"
+    text = tiny_spec_text(
+        name, tiny_bert_dir, data, int(n_trials), pruning=pruning, grace=int(grace)
+    )
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    spec = load_spec(write_spec(tmp_path / f"{name}.yaml", text))
+    create_or_attach(open_storage(url), spec)
+    return spec
+
+
+def epochs(default: int, low: int, high: int) -> dict[str, str]:
+    """YAML edits: the baseline's epochs and the searched epoch range."""
+    return {
+        "epochs: 1\nn_trials": f"epochs: {default}\nn_trials",
+        "epochs: {type: int, low: 1, high: 2}": f"epochs: {{type: int, low: {low}, high: {high}}}",
+    }
+
+
+# A slow baseline (many epochs on the tiny model) so there is time to kill it mid-trial.
+SLOW = epochs(30, 1, 30)
+
+
+def start_worker(url: str, study: str, artifacts: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--study", study, "--storage", url,
+         "--artifacts", str(artifacts), "--threads", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def trials(url: str, name: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).trials
+
+
+def training(url: str, name: str, number: int = 0) -> bool:
+    """Trial ``number`` is RUNNING and has finished at least one epoch."""
+    ts = trials(url, name)
+    return (
+        len(ts) > number
+        and ts[number].state == TrialState.RUNNING
+        and bool(ts[number].user_attrs.get(PROBES_ATTR))
+    )
+
+
+def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    logs = [w.communicate(timeout=timeout)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0] * len(workers), "\n\n".join(logs)
+    return logs
+
+
+def test_a_three_workers_run_exactly_the_budget(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "three", n_trials="6")
+    study = optuna.load_study(study_name="three", storage=pg_url)
+    queued = [{"learning_rate": lr, "batch_size": 16, "epochs": 1} for lr in (2e-3, 3e-3)]
+    for params in queued:
+        study.enqueue_trial(params)
+    workers = [start_worker(pg_url, "three", tmp_path / "art") for _ in range(3)]
+    finish(workers)
+    done = trials(pg_url, "three")
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 6
+    runs = [t.params for t in done]
+    for params in [*queued, {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}]:
+        assert runs.count(params) == 1, (params, runs)
+    assert len({t.user_attrs["worker_pid"] for t in done}) >= 2  # the work was shared
+
+
+def test_b_kill_9_mid_trial_is_retried_with_the_same_hyperparameters(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "killed", n_trials="2", **SLOW)
+    victim = start_worker(pg_url, "killed", tmp_path / "art")
+    wait_for(lambda: training(pg_url, "killed"), what="trial 0 to train")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert trials(pg_url, "killed")[0].state == TrialState.RUNNING  # nobody told the study
+    rescuer = start_worker(pg_url, "killed", tmp_path / "art")
+    finish([rescuer])
+    ts = trials(pg_url, "killed")
+    assert ts[0].state == TrialState.FAIL
+    retry = ts[1]
+    assert retry.user_attrs[RETRY_REASON_ATTR] == "worker died (heartbeat stale)"
+    assert retry.state == TrialState.COMPLETE and retry.params == ts[0].params
+    assert (retry.user_attrs[RETRY_OF_ATTR], retry.user_attrs[ATTEMPT_ATTR]) == (0, 1)
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 2  # the budget, exactly
+    assert len(ts) == 3
+
+
+def test_c_postgres_restart_loses_nothing(tmp_path, tiny_bert_dir, fixture_glue) -> None:
+    server = PrivatePostgres()
+    try:
+        url = server.url
+        edits = epochs(12, 10, 12)
+        make_study(
+            url, tmp_path, tiny_bert_dir, fixture_glue, "restart", n_trials="4", grace="20", **edits
+        )
+        workers = [start_worker(url, "restart", tmp_path / "art") for _ in range(2)]
+        wait_for(
+            lambda: training(url, "restart", 0) and training(url, "restart", 1), what="2 trials"
+        )
+        server.stop()
+        time.sleep(4)  # both workers hit the dead database meanwhile
+        server.start()
+        logs = finish(workers)
+        assert any("storage unreachable" in log or "heartbeat failed" in log for log in logs), logs
+        ts = trials(url, "restart")
+        assert sum(t.state == TrialState.COMPLETE for t in ts) == 4
+        assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in ts)
+        # any trial failed by the outage was re-run with the same hyperparameters
+        for failed in (t for t in ts if t.state == TrialState.FAIL):
+            assert any(t.user_attrs.get(RETRY_OF_ATTR) == failed.number for t in ts)
+    finally:
+        server.destroy()
+
+
+def test_d_e_sigterm_requeues_and_a_new_worker_resumes(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "stopped", n_trials="3", **SLOW)
+    worker = start_worker(pg_url, "stopped", tmp_path / "art")
+    wait_for(lambda: training(pg_url, "stopped"), what="trial 0 to train")
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert time.monotonic() - sent < 10
+    ts = trials(pg_url, "stopped")
+    assert TrialState.RUNNING not in [t.state for t in ts]
+    assert ts[0].state == TrialState.FAIL and "stopped" in ts[0].user_attrs["error"]
+    assert ts[1].state == TrialState.WAITING and ts[1].system_attrs["fixed_params"] == ts[0].params
+    assert ts[1].user_attrs[ATTEMPT_ATTR] == 0  # a stop does not use up a retry
+
+    # (e) resume: a new worker continues the stopped study to its global budget
+    finish([start_worker(pg_url, "stopped", tmp_path / "art")])
+    ts = trials(pg_url, "stopped")
+    complete = [t for t in ts if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and ts[1].state == TrialState.COMPLETE
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3  # nothing repeated
+    # a finished study: one more worker finds nothing to do
+    finish([start_worker(pg_url, "stopped", tmp_path / "art")])
+    assert len(trials(pg_url, "stopped")) == len(ts)
+
+
+def test_g_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
+    tmp_path, storage_url, tiny_bert_dir, fixture_glue
+) -> None:
+    edits = {
+        **epochs(3, 1, 3),
+        "probe_size: 64}": "probe_size: 64, sigma_tolerance: 0, accuracy_drop_tolerance: 0}",
+        "n_trials: 2": "n_trials: 2\nthresholds: {sigma_max: 1.0e-9, accuracy_drop_max: 0}",
+    }
+    make_study(
+        storage_url,
+        tmp_path,
+        tiny_bert_dir,
+        fixture_glue,
+        "pruned",
+        "2",
+        pruning="threshold",
+        **edits,
+    )
+    optuna.load_study(study_name="pruned", storage=storage_url).enqueue_trial(
+        {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
+    )
+    options = WorkerOptions(storage_url, "pruned", tmp_path / "art", threads=1)
+    assert Worker(options).run() == 0
+    pruned, finished = trials(storage_url, "pruned")
+    assert pruned.state == TrialState.PRUNED and pruned.values is None
+    assert pruned.user_attrs["pruned_by"] == "threshold"
+    assert [p["epoch"] for p in pruned.user_attrs[PROBES_ATTR]] == [1, 2]  # stopped after epoch 2
+    assert is_feasible(pruned) is False  # judged by its last probe
+    assert finished.state == TrialState.COMPLETE and is_feasible(finished) is False
+    assert finished.system_attrs["constraints"][0] == pytest.approx(finished.values[0] - 1e-9)
+    assert len(finished.user_attrs[PROBES_ATTR]) == 1
+    assert optuna.load_study(study_name="pruned", storage=storage_url).best_trials == []
+
+
+def test_a_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
+    tmp_path, storage_url, tiny_bert_dir, fixture_glue
+) -> None:
+    edits = {"max_retries: 2": "max_retries: 1"}
+    make_study(storage_url, tmp_path, tiny_bert_dir, fixture_glue, "raises", "2", **edits)
+    # An enqueued value outside the schema: the trial's code raises (a data error).
+    broken = {"learning_rate": 5.0, "batch_size": 16, "epochs": 1}
+    optuna.load_study(study_name="raises", storage=storage_url).enqueue_trial(broken)
+    options = WorkerOptions(storage_url, "raises", tmp_path / "art", threads=1)
+    assert Worker(options).run() == 0
+    ts = trials(storage_url, "raises")
+    states = [t.state for t in ts]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    first, retry = ts[1], ts[2]
+    assert first.user_attrs["error"].startswith("ValidationError: 1 validation error")
+    assert "learning_rate" in first.user_attrs["error"]
+    assert retry.params == first.params and retry.user_attrs[RETRY_OF_ATTR] == 1
+    assert retry.user_attrs[ATTEMPT_ATTR] == 1  # max_retries reached: not re-queued again
+    assert retry.user_attrs["error"] == first.user_attrs["error"]
