@@ -136,9 +136,25 @@ class Hyperparameters(_Section):
     warmup_proportion: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
 
-HYPERPARAMETER_NAMES = tuple(Hyperparameters.model_fields)
+class Stage1Spec(_Section):
+    """TinyBERT stage 1 (intermediate layers) before prediction-layer distillation.
+    Defaults: the paper authors' (3 epochs, lr 5e-5, batch 32; constant lr, no warmup).
+    Search ``stage1_learning_rate`` / ``stage1_epochs`` / ``stage1_batch_size`` /
+    ``stage1_weight_decay`` to run it in every trial; otherwise it runs once per study
+    and every trial starts from its result."""
+
+    epochs: Annotated[int, Field(gt=0)] = 3
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 5e-5
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+
+
+STAGE1_PREFIX = "stage1_"
+HYPERPARAMETER_NAMES = tuple(Hyperparameters.model_fields) + tuple(
+    STAGE1_PREFIX + name for name in Stage1Spec.model_fields
+)
 _SEARCH_SPACE: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Param])
-_INTEGER_HYPERPARAMETERS = ("batch_size", "epochs")
+_INTEGER_HYPERPARAMETERS = ("batch_size", "epochs", "stage1_batch_size", "stage1_epochs")
 
 
 class Thresholds(_Section):
@@ -205,6 +221,9 @@ class StudySpec(_Section):
     data: DataSpec
     teacher: TeacherSpec
     student: StudentSpec
+    stage1: Stage1Spec | None = None
+    """Intermediate-layer distillation first (absent: stage 2 only, from the student
+    checkpoint as loaded)."""
     max_seq_length: Annotated[int, Field(ge=8, le=512)] = 128
     search_space: dict[str, Param] = Field(default_factory=dict)
     """Searched hyperparameters; each key is one of ``defaults``' keys."""
@@ -219,9 +238,13 @@ class StudySpec(_Section):
     reliability: ReliabilitySpec = ReliabilitySpec()
     eval_batch_size: Annotated[int, Field(gt=0)] = 128
 
+    @property
+    def stage1_per_trial(self) -> bool:
+        return any(key.startswith(STAGE1_PREFIX) for key in self.search_space)
+
     @model_validator(mode="after")
     def _check_search_space(self) -> StudySpec:
-        problems = _cross_field_problems(self.name, self.search_space, self.defaults)
+        problems = _cross_field_problems(self.name, self.search_space, self.defaults, self.stage1)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -236,13 +259,13 @@ class StudySpec(_Section):
 
 
 def _cross_field_problems(
-    name: str, search_space: dict[str, Any], defaults: Hyperparameters
+    name: str, search_space: dict[str, Any], defaults: Hyperparameters, stage1: Any
 ) -> list[str]:
     """Rules that span several keys: the study name, and each searched range against
     its hyperparameter and default."""
     problems = _name_problems(name)
     for key, param in search_space.items():
-        problems += _search_space_problems(key, param, defaults)
+        problems += _search_space_problems(key, param, defaults, stage1)
     return problems
 
 
@@ -255,21 +278,30 @@ def _name_problems(name: str) -> list[str]:
     ]
 
 
-def _search_space_problems(key: str, param: Any, defaults: Hyperparameters) -> list[str]:
+def _search_space_problems(
+    key: str, param: Any, defaults: Hyperparameters, stage1: Stage1Spec | None
+) -> list[str]:
     where = f"search_space.{key}"
     if key not in HYPERPARAMETER_NAMES:
         hint = difflib.get_close_matches(key, HYPERPARAMETER_NAMES, n=1)
         fix = f"did you mean {hint[0]!r}?" if hint else f"use one of {list(HYPERPARAMETER_NAMES)}"
         return [f"{where}: unknown hyperparameter {key!r}; {fix}"]
-    default = getattr(defaults, key)
+    if key.startswith(STAGE1_PREFIX):
+        if stage1 is None:
+            return [f"{where}: stage-1 hyperparameters need a stage1: section; add stage1: {{}}"]
+        default = getattr(stage1, key.removeprefix(STAGE1_PREFIX))
+        key_of_default = f"stage1.{key.removeprefix(STAGE1_PREFIX)}"
+    else:
+        default = getattr(defaults, key)
+        key_of_default = f"defaults.{key}"
     if isinstance(param, CategoricalParam):
         if key in _INTEGER_HYPERPARAMETERS and any(float(c) != int(c) for c in param.choices):
             return [f"{where}.choices {param.choices} must be whole numbers for {key}"]
         if default not in param.choices:
             return [
                 f"{where}.choices {param.choices} must contain the default "
-                f"defaults.{key} = {default} (the baseline trial uses it); add it or change "
-                f"defaults.{key}"
+                f"{key_of_default} = {default} (the baseline trial uses it); add it or change "
+                f"{key_of_default}"
             ]
         return []
     problems = []
@@ -285,8 +317,8 @@ def _search_space_problems(key: str, param: Any, defaults: Hyperparameters) -> l
     elif not param.low <= default <= param.high:
         problems.append(
             f"{where}: range [{param.low}, {param.high}] must contain the default "
-            f"defaults.{key} = {default} (the baseline trial uses it); widen the range or "
-            f"change defaults.{key}"
+            f"{key_of_default} = {default} (the baseline trial uses it); widen the range or "
+            f"change {key_of_default}"
         )
     return problems
 
@@ -337,8 +369,12 @@ def _partial_cross_field_problems(raw: dict[str, Any]) -> list[str]:
         space = _SEARCH_SPACE.validate_python(raw.get("search_space") or {})
     except ValidationError:
         return problems  # the rest is already reported as field errors
+    try:
+        stage1 = Stage1Spec.model_validate(raw["stage1"]) if raw.get("stage1") is not None else None
+    except ValidationError:
+        return problems
     for key, param in space.items():
-        problems += _search_space_problems(key, param, defaults)
+        problems += _search_space_problems(key, param, defaults, stage1)
     return problems
 
 

@@ -18,9 +18,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from service.errors import KdsearchError
 from service.spec import (
+    STAGE1_PREFIX,
     CategoricalParam,
     FloatParam,
     Hyperparameters,
+    Stage1Spec,
     StudySpec,
 )
 from service.storage import require_study, study_lock
@@ -78,15 +80,36 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
 
 def baseline_params(spec: StudySpec) -> dict[str, Any]:
     """The paper's default configuration, restricted to the searched hyperparameters."""
-    return {name: getattr(spec.defaults, name) for name in spec.search_space}
+    values = spec.defaults.model_dump()
+    if spec.stage1 is not None:
+        values.update({STAGE1_PREFIX + k: v for k, v in spec.stage1.model_dump().items()})
+    return {name: values[name] for name in spec.search_space}
+
+
+def _typed(name: str, value: Any) -> Any:
+    return int(value) if name.endswith(("batch_size", "epochs")) else float(value)
 
 
 def trial_hyperparameters(spec: StudySpec, params: dict[str, Any]) -> Hyperparameters:
-    """The full, typed hyperparameters of a trial: searched values over the defaults."""
+    """The full, typed stage-2 hyperparameters of a trial: searched values over the defaults."""
     values = spec.defaults.model_dump()
-    for name, value in params.items():
-        values[name] = int(value) if name in ("batch_size", "epochs") else float(value)
+    values.update({k: _typed(k, v) for k, v in params.items() if not k.startswith(STAGE1_PREFIX)})
     return Hyperparameters(**values)
+
+
+def trial_stage1(spec: StudySpec, params: dict[str, Any]) -> Stage1Spec | None:
+    """The trial's stage-1 settings when it runs stage 1 itself (stage-1 keys searched)."""
+    if spec.stage1 is None or not spec.stage1_per_trial:
+        return None
+    values = spec.stage1.model_dump()
+    values.update(
+        {
+            k.removeprefix(STAGE1_PREFIX): _typed(k, v)
+            for k, v in params.items()
+            if k.startswith(STAGE1_PREFIX)
+        }
+    )
+    return Stage1Spec(**values)
 
 
 def worker_seed(spec: StudySpec, worker_id: str | None = None) -> int:

@@ -16,19 +16,20 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.spec import StudySpec
+from service.spec import Stage1Spec, StudySpec
 from workers.data import NUM_LABELS, data_fingerprint, load_split
 from workers.distill import Encoded, encode, fit, predict_logits
+from workers.intermediate import distill_intermediate
 from workers.metrics import task_metrics
-from workers.models import load_teacher, load_tokenizer
+from workers.models import load_student, load_teacher, load_tokenizer
 from workers.predictions import write_predictions
 
 logger = logging.getLogger(__name__)
@@ -73,25 +74,74 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def prepare_assets(spec: StudySpec, cache_dir: Path, device: torch.device) -> StudyAssets:
-    """Load the study's assets, computing them first if no worker has yet."""
-    folder = cache_dir / f"{spec.task}-{assets_key(spec)}"
+def _cached_folder(folder: Path, what: str, build: Callable[[Path], None]) -> Path:
+    """``folder``, built by ``build(tmp)`` by the first process that needs it while the
+    others wait on the lock, then published atomically (no reader sees half a folder)."""
     with _file_lock(folder.with_suffix(".lock")):
-        if not (folder / "assets.pt").is_file():
-            logger.info("preparing study assets in %s (once per study)", folder)
+        if not folder.is_dir():
+            logger.info("preparing %s in %s (once per study)", what, folder)
             tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            _compute_assets(spec, tmp, device)
-            # Atomic publish: readers never see a half-written folder.
+            tmp.mkdir(parents=True)
+            build(tmp)
             os.replace(tmp, folder)
         else:
-            logger.info("reusing study assets from %s", folder)
+            logger.info("reusing %s from %s", what, folder)
+    return folder
+
+
+def prepare_assets(spec: StudySpec, cache_dir: Path, device: torch.device) -> StudyAssets:
+    """Load the study's assets, computing them first if no worker has yet."""
+    folder = _cached_folder(
+        cache_dir / f"{spec.task}-{assets_key(spec)}",
+        "study assets",
+        lambda tmp: _compute_assets(spec, tmp, device),
+    )
     saved = torch.load(folder / "assets.pt", weights_only=False)
     return StudyAssets(folder=folder, **saved)
 
 
+def teacher_ref(spec: StudySpec, assets: StudyAssets) -> str:
+    """The teacher the trials distil from: the fine-tuned copy when there is one."""
+    return str(assets.folder / "teacher") if spec.teacher.finetune else spec.teacher.model
+
+
+def run_stage1(
+    spec: StudySpec,
+    assets: StudyAssets,
+    student: PreTrainedModel,
+    settings: Stage1Spec,
+    device: torch.device,
+) -> list[float]:
+    """TinyBERT stage 1 on ``student`` (in place) against the study's teacher."""
+    teacher = load_teacher(teacher_ref(spec, assets), NUM_LABELS, eager=True)
+    return distill_intermediate(
+        student, teacher, assets.train, settings, device, seed=spec.seed, pad_id=assets.pad_id
+    )
+
+
+def prepare_stage1_student(
+    spec: StudySpec, assets: StudyAssets, cache_dir: Path, device: torch.device
+) -> Path:
+    """The study's stage-1 student, distilled once (fixed stage-1 settings) and shared."""
+    assert spec.stage1 is not None
+    parts = {
+        "assets": assets.folder.name,
+        "student": spec.student.model_dump(mode="json"),
+        "stage1": spec.stage1.model_dump(),
+        "seed": spec.seed,
+    }
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def build(tmp: Path) -> None:
+        student = load_student(spec.student, spec.teacher.model, NUM_LABELS, spec.seed, eager=True)
+        run_stage1(spec, assets, student, spec.stage1, device)  # type: ignore[arg-type]
+        student.save_pretrained(tmp)
+
+    return _cached_folder(cache_dir / f"stage1-{key}", "the stage-1 student", build)
+
+
 def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None:
-    folder.mkdir(parents=True)
     tokenizer = load_tokenizer(spec.teacher.model)
     train_split = load_split(spec.data, spec.task, "train")
     dev_split = load_split(spec.data, spec.task, "dev")

@@ -59,22 +59,21 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         raise KdsearchError(f"cannot load the tokenizer of {ref!r}: {exc}") from None
 
 
-def load_teacher(ref: str, num_labels: int) -> PreTrainedModel:
-    return _load(ref, "teacher", num_labels=num_labels)
+def load_teacher(ref: str, num_labels: int, eager: bool = False) -> PreTrainedModel:
+    extra: dict[str, object] = {"attn_implementation": "eager"} if eager else {}
+    return _load(ref, "teacher", num_labels=num_labels, **extra)
 
 
 def load_student(
-    student: StudentSpec, teacher_ref: str, num_labels: int, seed: int
+    student: StudentSpec, teacher_ref: str, num_labels: int, seed: int, eager: bool = False
 ) -> PreTrainedModel:
     """A fresh student. The classifier head (new weights) is initialised from ``seed``,
-    so the same trial on the same machine starts from the same weights."""
+    so the same trial on the same machine starts from the same weights. ``eager``
+    attention returns attention probabilities (stage 1 needs them)."""
     torch.manual_seed(seed)
+    extra: dict[str, object] = {"attn_implementation": "eager"} if eager else {}
     if student.teacher_layers is not None:
         # from_pretrained keeps the checkpoint's first k layers and drops the rest.
-        return _load(
-            teacher_ref,
-            "student",
-            num_labels=num_labels,
-            num_hidden_layers=student.teacher_layers,
-        )
-    return _load(student.model or "", "student", num_labels=num_labels)
+        extra["num_hidden_layers"] = student.teacher_layers
+        return _load(teacher_ref, "student", num_labels=num_labels, **extra)
+    return _load(student.model or "", "student", num_labels=num_labels, **extra)

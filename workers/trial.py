@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,8 @@ import torch
 from transformers import PreTrainedModel
 
 from service.pruning import ProbePoint
-from service.spec import Hyperparameters, StudySpec
-from workers.assets import StudyAssets
+from service.spec import Hyperparameters, Stage1Spec, StudySpec
+from workers.assets import StudyAssets, run_stage1
 from workers.data import NUM_LABELS
 from workers.distill import SoftCrossEntropy, fit, predict_logits
 from workers.metrics import (
@@ -25,7 +26,7 @@ from workers.metrics import (
     expected_calibration_error,
     task_metrics,
 )
-from workers.models import load_student
+from workers.models import load_student, load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +62,37 @@ class DistillationTrial:
         hparams: Hyperparameters,
         device: torch.device,
         on_probe: Callable[[ProbePoint], None] | None = None,
+        stage1: Stage1Spec | None = None,
+        stage1_student: Path | None = None,
     ) -> None:
+        """``stage1``: run stage 1 in this trial with these settings (stage-1
+        hyperparameters searched); ``stage1_student``: start from the study's shared
+        stage-1 student instead of the student checkpoint."""
         self.spec = spec
         self.assets = assets
         self.hparams = hparams
         self.device = device
         self.on_probe = on_probe
+        self.stage1 = stage1
+        self.stage1_student = stage1_student
+        self.stage1_losses: list[float] = []
         self.student: PreTrainedModel | None = None
         index = probe_indices(len(assets.train), spec.pruning.probe_size, spec.seed)
         self.probe_data = assets.train.subset(index)
         self.probe_teacher = torch.softmax(assets.teacher_logits_train[index], -1).numpy()
 
     def setup(self) -> None:
+        spec = self.spec
+        if self.stage1_student is not None:
+            self.student = load_teacher(str(self.stage1_student), NUM_LABELS)
+            return
         self.student = load_student(
-            self.spec.student, self.spec.teacher.model, NUM_LABELS, seed=self.spec.seed
+            spec.student, spec.teacher.model, NUM_LABELS, seed=spec.seed, eager=bool(self.stage1)
         )
+        if self.stage1 is not None:
+            self.stage1_losses = run_stage1(
+                spec, self.assets, self.student, self.stage1, self.device
+            )
 
     def train(self) -> list[float]:
         assert self.student is not None, "call setup() first"
@@ -144,7 +161,10 @@ class DistillationTrial:
             probs_train, probs_dev = self.evaluate()
         finally:
             self.cleanup()
-        return score(self.spec, self.assets, probs_train, probs_dev, losses, start)
+        result = score(self.spec, self.assets, probs_train, probs_dev, losses, start)
+        if self.stage1 is not None:
+            result.attrs["stage1_epoch_losses"] = self.stage1_losses
+        return result
 
 
 def score(

@@ -46,9 +46,10 @@ from service.study import (
     load_stored_spec,
     requeue,
     trial_hyperparameters,
+    trial_stage1,
     worker_seed,
 )
-from workers.assets import StudyAssets, prepare_assets
+from workers.assets import StudyAssets, prepare_assets, prepare_stage1_student
 from workers.predictions import write_predictions
 from workers.trial import DistillationTrial, TrialResult
 
@@ -188,10 +189,12 @@ class Worker:
         store_dir = options.artifacts_dir / "optuna"
         store_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_store = FileSystemArtifactStore(str(store_dir))
+        cache = options.artifacts_dir / "cache"
+        self.stage1_student: Path | None = None
         with self.stop.interruptible():  # fine-tuning a teacher can take long
-            self.assets: StudyAssets = prepare_assets(
-                spec, options.artifacts_dir / "cache", self.device
-            )
+            self.assets: StudyAssets = prepare_assets(spec, cache, self.device)
+            if spec.stage1 is not None and not spec.stage1_per_trial:
+                self.stage1_student = prepare_stage1_student(spec, self.assets, cache, self.device)
 
     def run(self) -> int:
         """Run trials until the budget is reached. Returns the process exit code."""
@@ -251,6 +254,8 @@ class Worker:
                 hparams,
                 self.device,
                 on_probe=lambda p: self._on_probe(trial, history, p),
+                stage1=trial_stage1(spec, trial.params),
+                stage1_student=self.stage1_student,
             )
             with Heartbeat(self.study, trial._trial_id, spec.reliability.heartbeat_interval_s):
                 with self.stop.interruptible():
