@@ -55,6 +55,9 @@ def study_spec(task: str, layers: int, n_trials: int) -> dict:
         "n_trials": n_trials,
         "seed": 42,
         "sampler": {"name": "tpe", "n_startup_trials": 3},
+        # Run every trial to the end: the table needs final numbers, and the recorded
+        # probes let bench/pruning_replay.py measure what each rule would have saved.
+        "pruning": {"rule": "none", "probe_size": 500},
     }
 
 

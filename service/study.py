@@ -250,6 +250,13 @@ class RequeueStale:
         requeue(study, trial, self.max_retries, reason="worker died (heartbeat stale)")
 
 
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the RUNNING trials whose heartbeat stopped (their ``RequeueStale`` callback
+    re-queues them). Safe to call from many workers: the state change is conditional."""
+    with _quiet_optuna():
+        optuna.storages.fail_stale_trials(study)
+
+
 class Claim(enum.Enum):
     DONE = "the budget is spent"
     WAIT = "no slot free, but trials are still running"
@@ -267,7 +274,7 @@ def claim_trial(
     the caller should wait: a running trial may still fail and need a re-run.
     """
     with study_lock(storage, spec.name):
-        optuna.storages.fail_stale_trials(study)
+        fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False, states=_BUDGET_STATES)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)

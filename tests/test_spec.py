@@ -146,3 +146,24 @@ def test_missing_yaml_and_bad_yaml(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="top level must be a mapping"):
         load_spec(tmp_path / "list.yaml")
+
+
+def test_the_papers_twelve_studies() -> None:
+    specs = [load_spec(p) for p in sorted((ROOT / "studies" / "paper").glob("*.yaml"))]
+    assert sorted(s.name for s in specs) == sorted(
+        f"{task}-{student}"
+        for task in ("sst2", "qqp", "qnli", "mrpc", "rte", "cola")
+        for student in ("s4l", "s6l")
+    )
+    for spec in specs:
+        assert spec.data.source == "hub" and spec.teacher.model.startswith("textattack/")
+        assert spec.student.model in (
+            "huawei-noah/TinyBERT_General_4L_312D",
+            "huawei-noah/TinyBERT_General_6L_768D",
+        )
+        lr = spec.search_space["learning_rate"]
+        assert (lr.low, lr.high, lr.log) == (5e-7, 8e-4, True)  # type: ignore[union-attr]
+        assert spec.defaults.learning_rate == 3e-5 and spec.defaults.weight_decay == 1e-4
+        assert spec.thresholds.sigma_max == 0.05
+        assert spec.stage1 is not None and spec.stage1.learning_rate == 5e-5
+        assert spec.stage1_per_trial == (spec.task == "rte")

@@ -43,6 +43,7 @@ from service.study import (
     RequeueStale,
     build_sampler,
     claim_trial,
+    fail_stale_trials,
     load_stored_spec,
     requeue,
     trial_hyperparameters,
@@ -142,7 +143,7 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
-                optuna.storages.fail_stale_trials(self.study)
+                fail_stale_trials(self.study)
             except Exception as exc:  # a heartbeat must never kill the worker
                 logger.warning("heartbeat failed (will retry): %s", str(exc).splitlines()[0])
             self._stop.wait(self.interval_s)
