@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
         "else ./kdsearch-artifacts)",
     )
     worker.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    worker.add_argument(
+        "--gpu",
+        default="none",
+        metavar="auto|none",
+        help="auto: claim a free GPU of this machine for this worker (see --workers-per-gpu) "
+        "and run on it; none (default): use --device",
+    )
+    worker.add_argument(
+        "--workers-per-gpu", type=int, default=1, metavar="K", help="with --gpu auto (default 1)"
+    )
+    worker.add_argument(
+        "--gpu-lock-dir",
+        default=os.environ.get("KDSEARCH_GPU_LOCK_DIR", "/tmp/kdsearch-gpus"),
+        metavar="DIR",
+        help="folder shared by the workers of one machine for GPU claims "
+        "(default: $KDSEARCH_GPU_LOCK_DIR, else /tmp/kdsearch-gpus)",
+    )
     worker.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
     worker.add_argument(
         "--max-trials", type=int, metavar="N", help="stop this worker after N trials"
@@ -86,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--format", choices=("table", "json"), default="table")
     score.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[common],
+        help="optuna-dashboard on the study storage and artifact store",
+    )
+    dashboard.add_argument("--artifacts", metavar="DIR", help="as for worker")
+    dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (no auth!)")
+    dashboard.add_argument("--port", type=int, default=8080)
 
     status = commands.add_parser("status", parents=[common], help="one row per trial")
     status.add_argument("--study", required=True, metavar="NAME")
@@ -124,6 +151,20 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workers.gpus import claim_gpu, pin_process_to, visible_gpus
+
+    claim = None
+    device = args.device
+    if args.gpu == "auto":
+        # Before torch is imported: CUDA must only ever see the claimed GPU.
+        claim = claim_gpu(visible_gpus(), Path(args.gpu_lock_dir), args.workers_per_gpu)
+        pin_process_to(claim)
+        device = "cuda"
+    elif args.gpu != "none":
+        raise KdsearchError(f"--gpu {args.gpu!r} is not allowed; use auto or none")
+
     import transformers
 
     from workers.worker import WorkerOptions, run_worker
@@ -134,12 +175,36 @@ def _worker(args: argparse.Namespace) -> int:
         storage_url=resolve_storage_url(args.storage),
         study_name=args.study,
         artifacts_dir=resolve_artifacts_dir(args.artifacts),
-        device=args.device,
+        device=device,
         threads=args.threads,
         max_trials=args.max_trials,
         storage_timeout_s=args.storage_timeout,
     )
-    return run_worker(options)
+    try:
+        return run_worker(options)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard with kdsearch's storage resolution: the URL (and its password)
+    comes from --storage or the environment and never shows in the process list."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    url = resolve_storage_url(args.storage)
+    storage = open_storage(url)
+    artifacts = resolve_artifacts_dir(args.artifacts) / "optuna"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    logger.info("dashboard on http://%s:%d for %s", args.host, args.port, redact(url))
+    run_server(
+        storage,
+        host=args.host,
+        port=args.port,
+        artifact_store=FileSystemArtifactStore(str(artifacts)),
+    )
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -181,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("worker", None): _worker,
         ("status", None): _status,
         ("score", None): _score,
+        ("dashboard", None): _dashboard,
     }
     handler = handlers[(args.command, getattr(args, "study_command", None))]
     try:
