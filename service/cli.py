@@ -114,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (no auth!)")
     dashboard.add_argument("--port", type=int, default=8080)
 
+    report = commands.add_parser(
+        "report", parents=[common], help="the paper's table for one or many studies, Pareto PNGs"
+    )
+    report.add_argument("--study", required=True, action="append", metavar="NAME")
+    report.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    report.add_argument(
+        "--out", metavar="DIR", help="also write report.<format> and <study>-pareto.png here"
+    )
+
+    export = commands.add_parser(
+        "export", parents=[common], help="a trial's student as a Hugging Face model folder"
+    )
+    export.add_argument("--study", required=True, metavar="NAME")
+    export.add_argument(
+        "--trial", type=int, metavar="N", help="default: the feasible trial with the lowest sigma"
+    )
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--artifacts", metavar="DIR", help="as for worker")
+    export.add_argument("--device", default="auto")
+
     status = commands.add_parser("status", parents=[common], help="one row per trial")
     status.add_argument("--study", required=True, metavar="NAME")
     status.add_argument("--format", choices=("table", "json"), default="table")
@@ -207,6 +227,51 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.report import format_csv, format_json, format_markdown, pareto_png, summarize
+    from service.study import load_stored_spec
+
+    storage = open_storage(resolve_storage_url(args.storage))
+    specs = [load_stored_spec(storage, name) for name in args.study]  # all known, or exit 2
+    studies = [optuna.load_study(study_name=s.name, storage=storage) for s in specs]
+    summaries = [summarize(study, spec) for study, spec in zip(studies, specs, strict=True)]
+    formatter = {"md": format_markdown, "csv": format_csv, "json": format_json}[args.format]
+    text = formatter(summaries)
+    sys.stdout.write(text.rstrip("\n") + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"report.{args.format}").write_text(text)
+        for study, spec in zip(studies, specs, strict=True):
+            pareto_png(study, spec, out / f"{spec.name}-pareto.png")
+        logger.info("wrote the report and %d Pareto plots to %s", len(specs), out)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from workers.export import export_student
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    card = export_student(
+        resolve_storage_url(args.storage),
+        args.study,
+        Path(args.out),
+        resolve_artifacts_dir(args.artifacts),
+        trial_number=args.trial,
+        device_name=args.device,
+    )
+    sys.stdout.write(json.dumps(card, indent=2) + "\n")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from service.status import format_json, format_table, trial_rows
     from service.study import load_stored_spec
@@ -247,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("status", None): _status,
         ("score", None): _score,
         ("dashboard", None): _dashboard,
+        ("report", None): _report,
+        ("export", None): _export,
     }
     handler = handlers[(args.command, getattr(args, "study_command", None))]
     try:

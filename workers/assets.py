@@ -162,6 +162,7 @@ def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None
             device,
             seed=spec.seed,
             pad_id=pad_id,
+            label="teacher fine-tuning",
         )
         teacher.save_pretrained(folder / "teacher")
         tokenizer.save_pretrained(folder / "teacher")

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.data import Split
+from workers.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def fit(
     seed: int,
     pad_id: int,
     on_epoch_end: Callable[[int], None] | None = None,
+    label: str = "train",
 ) -> list[float]:
     """Train ``model`` on ``data`` against ``targets`` (teacher logits (N, C) for
     distillation, labels (N,) for fine-tuning). Returns the mean loss of each epoch.
@@ -184,29 +186,35 @@ def fit(
     )
     # The shuffle has its own generator: the order depends on the seed only.
     generator = torch.Generator().manual_seed(seed)
-    epoch_losses = []
     lengths = [len(ids) for ids in data.input_ids]
-    for epoch in range(settings.epochs):
-        loss_sum = torch.zeros((), device=device)
-        for index in length_grouped_batches(lengths, settings.batch_size, generator):
-            batch = {k: v.to(device) for k, v in collate(data, index, pad_id).items()}
-            logits = model(**batch).logits  # (B, C)
-            loss = loss_fn(logits, targets[index].to(device))
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            # Accumulate on the device; reading .item() per step would sync every step.
-            loss_sum += loss.detach()
-        mean_loss = float(loss_sum) / steps_per_epoch
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
-        logger.info("epoch %d/%d: loss %.6f", epoch + 1, settings.epochs, mean_loss)
-        epoch_losses.append(mean_loss)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
-            model.train()
-    return epoch_losses
+    progress = Progress(total_steps, label)
+    try:
+        epoch_losses = []
+        for epoch in range(settings.epochs):
+            loss_sum = torch.zeros((), device=device)
+            for index in length_grouped_batches(lengths, settings.batch_size, generator):
+                batch = {k: v.to(device) for k, v in collate(data, index, pad_id).items()}
+                logits = model(**batch).logits  # (B, C)
+                loss = loss_fn(logits, targets[index].to(device))
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                # Accumulate on the device; reading .item() per step would sync every step.
+                loss_sum += loss.detach()
+                report = progress.due()
+                progress.advance(epoch + 1, settings.epochs, float(loss) if report else None)
+            mean_loss = float(loss_sum) / steps_per_epoch
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
+            logger.info("epoch %d/%d: loss %.6f", epoch + 1, settings.epochs, mean_loss)
+            epoch_losses.append(mean_loss)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
+                model.train()
+        return epoch_losses
+    finally:
+        progress.close()
 
 
 @torch.inference_mode()

@@ -106,6 +106,7 @@ class DistillationTrial:
             seed=self.spec.seed,
             pad_id=self.assets.pad_id,
             on_epoch_end=self.probe if self.on_probe is not None else None,
+            label="distillation",
         )
 
     def probe(self, epoch: int) -> None:
@@ -153,14 +154,17 @@ class DistillationTrial:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self) -> TrialResult:
+    def run(self, keep_student: bool = False) -> TrialResult:
+        """setup, train, evaluate, cleanup. ``keep_student`` leaves the trained student
+        in ``self.student`` (for export); the caller then calls ``cleanup()``."""
         start = time.perf_counter()
         try:
             self.setup()
             losses = self.train()
             probs_train, probs_dev = self.evaluate()
         finally:
-            self.cleanup()
+            if not keep_student:
+                self.cleanup()
         result = score(self.spec, self.assets, probs_train, probs_dev, losses, start)
         if self.stage1 is not None:
             result.attrs["stage1_epoch_losses"] = self.stage1_losses

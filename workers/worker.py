@@ -21,6 +21,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ from optuna.trial import TrialState
 
 from service.errors import KdsearchError
 from service.pruning import ProbePoint, should_prune
+from service.report import update_study_note
 from service.spec import StudySpec
-from service.storage import open_storage, with_reconnect
+from service.storage import open_storage, study_lock, with_reconnect
 from service.study import (
     PROBES_ATTR,
     Claim,
@@ -50,6 +52,7 @@ from service.study import (
     trial_stage1,
     worker_seed,
 )
+from workers import plots
 from workers.assets import StudyAssets, prepare_assets, prepare_stage1_student
 from workers.predictions import write_predictions
 from workers.trial import DistillationTrial, TrialResult
@@ -199,6 +202,9 @@ class Worker:
 
     def run(self) -> int:
         """Run trials until the budget is reached. Returns the process exit code."""
+        # The heartbeat thread calls Optuna's experimental heartbeat API; warning filters
+        # set with catch_warnings are not thread-safe, so filter for the whole process.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         with self.stop.installed():
             try:
                 self.setup()
@@ -318,6 +324,12 @@ class Worker:
                 logger.warning("trial %d was already finished: %s", trial.number, exc)
 
         self._db(tell, f"finishing trial {trial.number}")
+        if outcome.get("state") != TrialState.FAIL:
+            self._db(self._update_note, "updating the study note")
+
+    def _update_note(self) -> None:
+        with study_lock(self.storage, self.spec.name):
+            update_study_note(self.study, self.spec)
 
     def _fail(self, trial: optuna.Trial, error: str, count: bool) -> None:
         self._db(lambda: trial.set_user_attr("error", error), "recording the error")
@@ -349,6 +361,23 @@ class Worker:
                 write_predictions(paths[name], probs, labels.numpy())
             for name in ("teacher_train.csv", "teacher_dev.csv"):
                 paths[name] = assets.folder / name
+            # Figures on the train split, where sigma is defined.
+            teacher = torch.softmax(assets.teacher_logits_train, -1).numpy()
+            student, labels = result.student_probs_train, assets.train.labels.numpy()
+            figures = {
+                "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
+                    teacher, student, labels, self.spec.thresholds.sigma_max, p
+                ),
+                "confidence_scatter.png": lambda p: plots.confidence_scatter(
+                    teacher, student, labels, p
+                ),
+                "reliability_diagram.png": lambda p: plots.reliability_diagram(
+                    teacher, student, labels, p
+                ),
+            }
+            for name, draw in figures.items():
+                paths[name] = Path(tmp) / name
+                draw(paths[name])
             for name, path in paths.items():
                 artifact_ids[name] = self._db(
                     lambda p=path: upload_artifact(

@@ -1,0 +1,226 @@
+"""Study summaries: ``kdsearch report`` (the paper's table, Pareto front PNG, counts,
+compute hours) and the study note shown in optuna-dashboard."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from service.spec import StudySpec
+from service.study import BASELINE_ATTR, is_feasible
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study: str
+    task: str
+    student: str
+    baseline_sigma: float | None
+    baseline_accuracy_drop: float | None
+    best_trial: int | None
+    best_sigma: float | None
+    teacher_dev_accuracy: float | None
+    best_student_dev_accuracy: float | None
+    best_accuracy_drop: float | None
+    best_hyperparameters: dict[str, Any] | None
+    n_feasible: int
+    n_infeasible: int
+    n_pruned: int
+    n_failed: int
+    n_running: int
+    gpu_hours: float
+    cpu_hours: float
+
+
+def _student_name(spec: StudySpec) -> str:
+    if spec.student.teacher_layers is not None:
+        return f"teacher's first {spec.student.teacher_layers} layers"
+    return spec.student.model or ""
+
+
+def best_feasible(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The feasible finished trial with the lowest sigma (ties: lower drop)."""
+    feasible = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]
+    return min(feasible, key=lambda t: (t.values[0], t.values[1]), default=None)
+
+
+def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    baseline = next((t for t in complete if t.user_attrs.get(BASELINE_ATTR)), None)
+    best = best_feasible(trials)
+    hours = {"cuda": 0.0, "cpu": 0.0}
+    for t in trials:
+        if t.datetime_start is not None and t.datetime_complete is not None:
+            kind = "cuda" if str(t.user_attrs.get("device", "")).startswith("cuda") else "cpu"
+            hours[kind] += (t.datetime_complete - t.datetime_start).total_seconds() / 3600
+    return StudySummary(
+        study=spec.name,
+        task=spec.task,
+        student=_student_name(spec),
+        baseline_sigma=baseline.values[0] if baseline else None,
+        baseline_accuracy_drop=baseline.values[1] if baseline else None,
+        best_trial=best.number if best else None,
+        best_sigma=best.values[0] if best else None,
+        teacher_dev_accuracy=(best or baseline).user_attrs.get("teacher_dev_accuracy")
+        if (best or baseline)
+        else None,
+        best_student_dev_accuracy=best.user_attrs.get("student_dev_accuracy") if best else None,
+        best_accuracy_drop=best.values[1] if best else None,
+        best_hyperparameters=best.user_attrs.get("hyperparameters") if best else None,
+        n_feasible=sum(bool(is_feasible(t)) for t in complete),
+        n_infeasible=sum(is_feasible(t) is False for t in complete),
+        n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        n_failed=sum(t.state == TrialState.FAIL for t in trials),
+        n_running=sum(t.state == TrialState.RUNNING for t in trials),
+        gpu_hours=round(hours["cuda"], 4),
+        cpu_hours=round(hours["cpu"], 4),
+    )
+
+
+COLUMNS = [
+    ("study", "study"),
+    ("task", "task"),
+    ("student", "student"),
+    ("baseline_sigma", "baseline sigma_train"),
+    ("best_sigma", "best feasible sigma_train"),
+    ("best_trial", "trial"),
+    ("teacher_dev_accuracy", "teacher acc"),
+    ("best_student_dev_accuracy", "student acc"),
+    ("best_accuracy_drop", "drop"),
+    ("best_hyperparameters", "best hyperparameters"),
+    ("n_feasible", "feasible"),
+    ("n_infeasible", "infeasible"),
+    ("n_pruned", "pruned"),
+    ("n_failed", "failed"),
+    ("gpu_hours", "GPU-hours"),
+    ("cpu_hours", "CPU-hours"),
+]
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "best_hyperparameters":
+        return ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()
+        )
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_markdown(summaries: list[StudySummary]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    for s in summaries:
+        row = asdict(s)
+        lines.append("| " + " | ".join(_cell(k, row[k]) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def format_csv(summaries: list[StudySummary]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([k for k, _ in COLUMNS])
+    for s in summaries:
+        row = asdict(s)
+        writer.writerow(
+            [json.dumps(row[k]) if isinstance(row[k], dict) else row[k] for k, _ in COLUMNS]
+        )
+    return out.getvalue()
+
+
+def format_json(summaries: list[StudySummary]) -> str:
+    return json.dumps([asdict(s) for s in summaries], indent=2)
+
+
+def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
+    """Every finished trial, the Pareto front, and the feasible region's boundary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    front = {t.number for t in study.best_trials}
+    everything_front = _pareto(trials)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for t in trials:
+        feasible = bool(is_feasible(t))
+        ax.scatter(
+            t.values[0],
+            t.values[1],
+            s=40 if t.number in everything_front else 18,
+            c="#55a868" if feasible else "#c44e52",
+            edgecolors="black" if t.number in front else "none",
+        )
+        ax.annotate(
+            str(t.number),
+            (t.values[0], t.values[1]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.axvline(spec.thresholds.sigma_max, color="#555555", ls="--", lw=1)
+    ax.axhline(spec.thresholds.accuracy_drop_max, color="#555555", ls="--", lw=1)
+    ax.set_xlabel(f"sigma (train), threshold {spec.thresholds.sigma_max}")
+    ax.set_ylabel(f"accuracy_drop (dev), threshold {spec.thresholds.accuracy_drop_max}")
+    ax.set_title(f"{spec.name}: green feasible, red infeasible, large = Pareto front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pareto(trials: list[FrozenTrial]) -> set[int]:
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        return all(x <= y for x, y in zip(a.values, b.values, strict=True)) and a.values != b.values
+
+    return {t.number for t in trials if not any(dominates(u, t) for u in trials)}
+
+
+def study_note(summary: StudySummary, spec: StudySpec) -> str:
+    """Markdown for optuna-dashboard's study note."""
+    hyperparameters = _cell("best_hyperparameters", summary.best_hyperparameters)
+    best = (
+        f"trial {summary.best_trial}: sigma {summary.best_sigma:.4f}, accuracy_drop "
+        f"{summary.best_accuracy_drop:.4f}; {hyperparameters}"
+        if summary.best_trial is not None
+        else "none yet"
+    )
+    baseline = (
+        f"sigma {summary.baseline_sigma:.4f}, accuracy_drop {summary.baseline_accuracy_drop:.4f}"
+        if summary.baseline_sigma is not None
+        else "not finished yet"
+    )
+    return "\n".join(
+        [
+            f"# {spec.name}",
+            "",
+            f"- task: **{spec.task}**; teacher: `{spec.teacher.model}`; student: {summary.student}",
+            f"- thresholds: sigma <= {spec.thresholds.sigma_max}, accuracy_drop <= "
+            f"{spec.thresholds.accuracy_drop_max}; budget {spec.n_trials} trials",
+            f"- searched: {', '.join(spec.search_space) or 'nothing'}",
+            f"- **baseline** (the paper's defaults): {baseline}",
+            f"- **best feasible**: {best}",
+            f"- trials: {summary.n_feasible} feasible, {summary.n_infeasible} infeasible, "
+            f"{summary.n_pruned} pruned, {summary.n_failed} failed, {summary.n_running} running",
+            "",
+            "_Written by kdsearch as trials finish._",
+        ]
+    )
+
+
+def update_study_note(study: optuna.Study, spec: StudySpec) -> None:
+    """Rewrite the study's optuna-dashboard note from its current trials. Callers hold
+    the study lock: the note is versioned, and concurrent writers would conflict."""
+    from optuna_dashboard import save_note
+
+    save_note(study, study_note(summarize(study, spec), spec))

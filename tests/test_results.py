@@ -1,0 +1,154 @@
+"""What users see: trial artifacts and the study note, `kdsearch report`, `kdsearch export`,
+progress output. One small study, run once by a real worker on PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna_dashboard import get_note
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from service.spec import load_spec
+from service.storage import open_storage
+from service.study import create_or_attach
+from tests.conftest import tiny_spec_text, write_spec
+from tests.test_cli import assert_clean_failure, kdsearch
+from workers.predictions import read_predictions
+from workers.progress import Progress
+from workers.worker import Worker, WorkerOptions
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, postgres_server_url, tiny_bert_dir) -> dict:
+    """A 3-trial study; thresholds loose enough that some trial is feasible."""
+    import sqlalchemy
+
+    tmp = tmp_path_factory.mktemp("results")
+    admin = sqlalchemy.create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text('DROP DATABASE IF EXISTS "kdsearch_results"'))
+        conn.execute(sqlalchemy.text('CREATE DATABASE "kdsearch_results"'))
+    admin.dispose()
+    url = sqlalchemy.engine.make_url(postgres_server_url).set(database="kdsearch_results")
+    url = url.render_as_string(hide_password=False)
+    data = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
+    text = tiny_spec_text("results", tiny_bert_dir, data).replace(
+        "n_trials: 3", "n_trials: 3\nthresholds: {sigma_max: 0.5, accuracy_drop_max: 0.5}"
+    )
+    spec = load_spec(write_spec(tmp / "r.yaml", text))
+    create_or_attach(open_storage(url), spec)
+    assert Worker(WorkerOptions(url, "results", tmp / "artifacts", threads=1)).run() == 0
+    return {"url": url, "artifacts": tmp / "artifacts", "tmp": tmp}
+
+
+def test_every_trial_has_its_predictions_and_figures(finished: dict) -> None:
+    study = optuna.load_study(study_name="results", storage=finished["url"])
+    store = FileSystemArtifactStore(str(finished["artifacts"] / "optuna"))
+    for trial in study.trials:
+        ids = trial.user_attrs["artifacts"]
+        assert set(ids) == {
+            "student_train.csv", "student_dev.csv", "teacher_train.csv", "teacher_dev.csv",
+            "confidence_delta_histogram.png", "confidence_scatter.png", "reliability_diagram.png",
+        }  # fmt: skip
+        for name in ("confidence_delta_histogram.png", "reliability_diagram.png"):
+            path = finished["tmp"] / f"{trial.number}-{name}"
+            download_artifact(artifact_store=store, artifact_id=ids[name], file_path=str(path))
+            assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+def test_study_note_summarises_baseline_and_best(finished: dict) -> None:
+    study = optuna.load_study(study_name="results", storage=finished["url"])
+    note = get_note(study)
+    baseline = study.trials[0]
+    assert note.startswith("# results")
+    assert f"**baseline** (the paper's defaults): sigma {baseline.values[0]:.4f}" in note
+    assert "3 feasible" in note or "feasible" in note
+    assert "0 running" in note  # updated after the last trial
+
+
+def test_report_table_and_files(finished: dict) -> None:
+    out = finished["tmp"] / "report"
+    result = kdsearch(
+        "report", "--study", "results", "--format", "json", "--out", str(out),
+        "--storage", finished["url"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    study = optuna.load_study(study_name="results", storage=finished["url"])
+    assert row["baseline_sigma"] == study.trials[0].values[0]
+    feasible = [t for t in study.trials if t.values[0] <= 0.5 and t.values[1] <= 0.5]
+    best = min(feasible, key=lambda t: t.values)
+    assert (row["best_trial"], row["best_sigma"]) == (best.number, best.values[0])
+    assert row["n_feasible"] + row["n_infeasible"] == 3 and row["n_failed"] == 0
+    assert row["cpu_hours"] > 0 and row["gpu_hours"] == 0
+    assert (out / "report.json").is_file()
+    assert (out / "results-pareto.png").read_bytes()[:8] == PNG
+    md = kdsearch("report", "--study", "results", "--storage", finished["url"]).stdout
+    assert md.splitlines()[0].startswith("| study | task | student | baseline sigma_train |")
+    unknown = kdsearch(
+        "report", "--study", "results", "--study", "nope", "--storage", finished["url"]
+    )
+    assert_clean_failure(unknown, "study 'nope' does not exist")
+
+
+def test_export_best_student_loads_and_reproduces(finished: dict) -> None:
+    out = finished["tmp"] / "student"
+    result = kdsearch(
+        "export", "--study", "results", "--out", str(out), "--storage", finished["url"],
+        "--artifacts", str(finished["artifacts"]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    card = json.loads((out / "kdsearch_card.json").read_text())
+    study = optuna.load_study(study_name="results", storage=finished["url"])
+    trial = study.trials[card["trial"]]
+    assert card["recorded"]["sigma"] == trial.values[0]
+    assert card["reproduced"]["sigma"] == pytest.approx(trial.values[0], abs=1e-9)
+    assert card["reproduced_within_tolerance"] is True
+    # A plain Hugging Face folder that predicts what the trial recorded.
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    store = FileSystemArtifactStore(str(finished["artifacts"] / "optuna"))
+    dev_csv = finished["tmp"] / "exported-dev.csv"
+    download_artifact(
+        artifact_store=store, artifact_id=trial.user_attrs["artifacts"]["student_dev.csv"],
+        file_path=str(dev_csv),
+    )  # fmt: skip
+    first_dev = (Path(__file__).parent / "fixtures/glue/SST-2/dev.tsv").read_text().splitlines()[1]
+    with torch.inference_mode():
+        enc = tokenizer(
+            first_dev.split("\t")[0].strip(), truncation=True, max_length=32, return_tensors="pt"
+        )
+        probs = torch.softmax(model(**enc).logits, -1).numpy()[0]
+    np.testing.assert_allclose(probs, read_predictions(dev_csv).probs[0], atol=1e-5)
+    again = kdsearch(
+        "export", "--study", "results", "--out", str(out), "--storage", finished["url"]
+    )
+    assert_clean_failure(again, "is not empty")
+    missing = kdsearch(
+        "export", "--study", "results", "--trial", "99", "--out", str(finished["tmp"] / "x"),
+        "--storage", finished["url"],
+    )  # fmt: skip
+    assert_clean_failure(missing, "trial 99 of 'results' does not exist")
+
+
+def test_progress_logs_about_ten_plain_lines(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="workers.progress")
+    progress = Progress(100, "distillation", stream=io.StringIO())  # not a terminal
+    for step in range(100):
+        due = progress.due()
+        progress.advance(step // 50 + 1, 2, 0.5 if due else None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10
+    assert lines[-1].startswith("progress label=distillation step=100/100 epoch=2/2 loss=0.500000")
+    assert "eta_s=0.0" in lines[-1]

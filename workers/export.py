@@ -1,0 +1,114 @@
+"""``kdsearch export``: the chosen trial's student as a Hugging Face model folder.
+
+Trials do not store their students: a trial is deterministic given its hyperparameters
+and the study seed on a given machine (tests/test_trial.py), so export re-trains the
+chosen trial once and checks the result against the recorded sigma. Storing every
+student (tens to hundreds of MB each, most of them discarded) or only the Pareto set
+(which changes as the study runs) would cost far more storage than one re-run costs
+compute. Across machines (CPU vs GPU, other kernels) the re-run can differ slightly:
+the card records both sigmas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from service.errors import KdsearchError
+from service.report import best_feasible
+from service.storage import open_storage
+from service.study import load_stored_spec, trial_hyperparameters, trial_stage1
+from workers.assets import prepare_assets, prepare_stage1_student, teacher_ref
+from workers.models import load_tokenizer
+from workers.trial import DistillationTrial
+from workers.worker import pick_device
+
+logger = logging.getLogger(__name__)
+
+# Same machine, same trial: identical. Beyond this, the card flags the difference.
+REPRODUCTION_TOLERANCE = 1e-4
+
+
+def export_student(
+    storage_url: str,
+    study_name: str,
+    out_dir: Path,
+    artifacts_dir: Path,
+    trial_number: int | None = None,
+    device_name: str = "auto",
+) -> dict[str, Any]:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise KdsearchError(f"--out {str(out_dir)!r} is not empty; give a new or empty folder")
+    storage = open_storage(storage_url)
+    spec = load_stored_spec(storage, study_name)
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    if trial_number is None:
+        trial = best_feasible(trials)
+        if trial is None:
+            raise KdsearchError(
+                f"study {study_name!r} has no feasible finished trial yet; pass --trial N to "
+                "export another one (kdsearch status lists them)"
+            )
+    else:
+        trial = next((t for t in trials if t.number == trial_number), None)
+        if trial is None or trial.state != TrialState.COMPLETE:
+            state = "does not exist" if trial is None else f"is {trial.state.name}"
+            raise KdsearchError(
+                f"trial {trial_number} of {study_name!r} {state}; export a COMPLETE trial"
+            )
+    device = pick_device(device_name)
+    cache = artifacts_dir / "cache"
+    assets = prepare_assets(spec, cache, device)
+    stage1_student = None
+    if spec.stage1 is not None and not spec.stage1_per_trial:
+        stage1_student = prepare_stage1_student(spec, assets, cache, device)
+    hparams = trial_hyperparameters(spec, trial.params)
+    logger.info("re-training trial %d of %s to export its student", trial.number, spec.name)
+    job = DistillationTrial(
+        spec, assets, hparams, device,
+        stage1=trial_stage1(spec, trial.params), stage1_student=stage1_student,
+    )  # fmt: skip
+    result = job.run(keep_student=True)
+    try:
+        assert job.student is not None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        job.student.save_pretrained(out_dir)
+        load_tokenizer(teacher_ref(spec, assets)).save_pretrained(out_dir)
+    finally:
+        job.cleanup()
+    recorded_sigma, recorded_drop = trial.values
+    difference = abs(result.sigma - recorded_sigma)
+    card = {
+        "study": spec.name,
+        "trial": trial.number,
+        "task": spec.task,
+        "teacher": spec.teacher.model,
+        "params": trial.params,
+        "hyperparameters": hparams.model_dump(),
+        "seed": spec.seed,
+        "thresholds": spec.thresholds.model_dump(),
+        "recorded": {"sigma": recorded_sigma, "accuracy_drop": recorded_drop},
+        "reproduced": {
+            key: result.attrs[key]
+            for key in ("sigma", "accuracy_drop", "student_dev_accuracy", "teacher_dev_accuracy")
+        },
+        "reproduced_within_tolerance": difference <= REPRODUCTION_TOLERANCE,
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    if not math.isfinite(difference) or difference > REPRODUCTION_TOLERANCE:
+        logger.warning(
+            "re-trained sigma %.6f differs from the recorded %.6f (another machine or device?)",
+            result.sigma, recorded_sigma,
+        )  # fmt: skip
+    (out_dir / "kdsearch_card.json").write_text(json.dumps(card, indent=2))
+    logger.info("exported trial %d to %s", trial.number, out_dir)
+    return card

@@ -1,0 +1,92 @@
+"""Per-trial figures, saved as PNG and uploaded as trial artifacts (optuna-dashboard
+shows them): the confidence-difference histogram, the teacher-vs-student confidence
+scatter and the reliability diagrams of both models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from workers.metrics import both_correct
+
+
+def delta_histogram(
+    teacher: np.ndarray, student: np.ndarray, labels: np.ndarray, sigma_max: float, path: Path
+) -> None:
+    """delta = p0_T - p0_S over the inputs both models get right, sigma and kappa marked."""
+    keep = both_correct(teacher, student, labels)
+    delta = teacher[keep, 0] - student[keep, 0]
+    sigma = float(np.std(delta)) if delta.size else float("nan")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(delta, bins=60, color="#4c72b0")
+    mean = float(delta.mean()) if delta.size else 0.0
+    for sign in (-1, 1):
+        ax.axvline(
+            mean + sign * sigma,
+            color="#c44e52",
+            ls="--",
+            label="mean ± sigma" if sign > 0 else None,
+        )
+        ax.axvline(
+            mean + sign * sigma_max,
+            color="#55a868",
+            ls=":",
+            label="mean ± kappa" if sign > 0 else None,
+        )
+    ax.set_xlabel("delta = p0 teacher - p0 student (both correct)")
+    ax.set_ylabel("inputs")
+    ax.set_title(f"sigma = {sigma:.4f} (kappa = {sigma_max}), n = {int(keep.sum())}")
+    ax.legend()
+    _save(fig, path)
+
+
+def confidence_scatter(
+    teacher: np.ndarray, student: np.ndarray, labels: np.ndarray, path: Path
+) -> None:
+    keep = both_correct(teacher, student, labels)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(
+        teacher[~keep, 0], student[~keep, 0], s=4, alpha=0.4, c="#999999", label="not both correct"
+    )
+    ax.scatter(
+        teacher[keep, 0], student[keep, 0], s=4, alpha=0.4, c="#4c72b0", label="both correct"
+    )
+    ax.plot([0, 1], [0, 1], color="#c44e52", lw=1)
+    ax.set_xlabel("teacher p0")
+    ax.set_ylabel("student p0")
+    ax.set_title("confidence, teacher vs student")
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def reliability_diagram(
+    teacher: np.ndarray, student: np.ndarray, labels: np.ndarray, path: Path
+) -> None:
+    """Accuracy per confidence bin (10 equal-width bins on the predicted class)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    edges = np.linspace(0, 1, 11)
+    for probs, name, color in ((teacher, "teacher", "#4c72b0"), (student, "student", "#dd8452")):
+        confidence = probs.max(1)
+        correct = probs.argmax(1) == labels
+        bins = np.clip(np.ceil(confidence * 10).astype(int) - 1, 0, 9)
+        xs = [confidence[bins == b].mean() for b in range(10) if (bins == b).any()]
+        ys = [correct[bins == b].mean() for b in range(10) if (bins == b).any()]
+        ax.plot(xs, ys, marker="o", color=color, label=name)
+    ax.plot(edges, edges, color="#999999", ls="--", lw=1, label="perfect calibration")
+    ax.set_xlabel("confidence (predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram")
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,54 @@
+"""Training progress: a bar at a terminal, plain key=value log lines elsewhere (containers,
+CI, log files). Losses are read from the device only at update points: reading them every
+step would synchronise the GPU every step."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO
+
+logger = logging.getLogger("workers.progress")
+
+
+class Progress:
+    def __init__(self, total_steps: int, label: str, stream: IO[str] | None = None) -> None:
+        self.total = total_steps
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.step = 0
+        self.start = time.monotonic()
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        # At a terminal: redraw every few steps; in logs: about ten lines per run.
+        self.every = 5 if self.interactive else max(1, total_steps // 10)
+        self._bar = None
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, desc=label, file=self.stream, leave=False)
+
+    def due(self) -> bool:
+        """Whether the next ``advance`` reports (so the caller reads the loss only then)."""
+        return (self.step + 1) % self.every == 0 or self.step + 1 == self.total
+
+    def advance(self, epoch: int, epochs: int, loss: float | None = None) -> None:
+        self.step += 1
+        if loss is None:
+            if self._bar is not None:
+                self._bar.update(1)
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.step * (self.total - self.step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.4f}")
+        else:
+            logger.info(
+                "progress label=%s step=%d/%d epoch=%d/%d loss=%.6f elapsed_s=%.1f eta_s=%.1f",
+                self.label, self.step, self.total, epoch, epochs, loss, elapsed, eta,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
