@@ -6,6 +6,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from service.spec import load_spec
 from service.storage import open_storage
 from service.study import create_or_attach
-from tests.conftest import tiny_spec_text, write_spec
+from tests.conftest import ROOT, tiny_spec_text, write_spec
 from tests.test_cli import assert_clean_failure, kdsearch
 from workers.predictions import read_predictions
 from workers.progress import Progress
@@ -152,3 +160,73 @@ def test_progress_logs_about_ten_plain_lines(caplog: pytest.LogCaptureFixture) -
     assert len(lines) == 10
     assert lines[-1].startswith("progress label=distillation step=100/100 epoch=2/2 loss=0.500000")
     assert "eta_s=0.0" in lines[-1]
+
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--virtual-time-budget=15000", "--window-size=1400,1100",
+]  # fmt: skip
+SCREENSHOTS = ROOT / "test-output"
+
+
+def _page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The page as Chromium renders it (after the dashboard's JavaScript ran), as text."""
+    args = [CHROMIUM or "chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    if screenshot is not None:
+        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    dom = subprocess.run(
+        [*args, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dashboard", "--port", str(port),
+         "--storage", finished["url"], "--artifacts", str(finished["artifacts"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as r:
+                    (summary,) = json.loads(r.read())["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        study_id = summary["study_id"]
+        # Through the dashboard's API: metric names, constraints, artifacts.
+        with urllib.request.urlopen(f"{base}/api/studies/{study_id}", timeout=10) as r:
+            detail = json.loads(r.read())
+        assert detail["objective_names"] == ["sigma", "accuracy_drop"]
+        for trial in detail["trials"]:
+            assert len(trial["constraints"]) == 2  # the dashboard reads them
+            names = {a["filename"] for a in trial["artifacts"]}
+            assert {"confidence_delta_histogram.png", "student_train.csv"} <= names
+        assert detail["note"]["body"].startswith("# results")
+
+        # Through the page, rendered by Chromium.
+        SCREENSHOTS.mkdir(exist_ok=True)
+        shot = SCREENSHOTS / "dashboard-study.png"
+        text = _page_text(f"{base}/dashboard/studies/{study_id}", tmp_path / "p1", shot)
+        for expected in ("Pareto Front", "Objective X: sigma", "Objective Y: accuracy_drop"):
+            assert expected in text, text[:2000]
+        assert shot.read_bytes()[:8] == PNG
+        trial_page = _page_text(
+            f"{base}/dashboard/studies/{study_id}/trials?numbers=0", tmp_path / "p2"
+        )
+        for expected in ("Artifacts", "confidence_delta_histogram.png", "reliability_diagram.png"):
+            assert expected in trial_page, trial_page[:2000]
+        assert "probe_history" in trial_page  # per-epoch metrics, as a user attr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
