@@ -20,15 +20,15 @@ import optuna
 import transformers
 
 from service.spec import spec_from_dict
-from service.storage import open_storage
+from service.storage import open_storage, study_names
 from service.study import create_or_attach, is_feasible
-from workers.worker import WorkerOptions, run_worker
+from workers.worker import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {
     # task: (data folder, train rows used, max_seq_length)
     "sst2": (ROOT / "data" / "glue" / "SST-2", None, 64),
-    "mrpc": (ROOT / "data" / "glue" / "MRPC", 2000, 128),
+    "mrpc": (ROOT / "data" / "glue" / "MRPC", 1000, 96),
 }
 SEARCH_SPACE = {
     "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
@@ -89,6 +89,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=ROOT / "experiments" / "out")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="do not run trials: tabulate the studies already in --workdir",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -102,10 +107,19 @@ def main() -> None:
     for task in TASKS:
         for layers in (1, 2, 3):
             spec = spec_from_dict(study_spec(task, layers, args.trials), source="experiment")
-            create_or_attach(storage, spec)
-            run_worker(WorkerOptions(url, spec.name, args.workdir / "artifacts"))
+            if not args.summarize_only:
+                create_or_attach(storage, spec)
+                worker = Worker(WorkerOptions(url, spec.name, args.workdir / "artifacts"))
+                worker.run()
+                if worker.stop.requested:  # SIGTERM / Ctrl-C: stop the whole experiment
+                    return
+            elif spec.name not in study_names(storage):
+                continue
             study = optuna.load_study(study_name=spec.name, storage=storage)
-            rows.append(summarise(study, task, layers))
+            if any(
+                t.state == optuna.trial.TrialState.COMPLETE and t.number == 0 for t in study.trials
+            ):
+                rows.append(summarise(study, task, layers))
     minutes = (time.perf_counter() - start) / 60
     lines = [
         "| task | student | teacher dev acc | baseline sigma | baseline drop | best sigma "

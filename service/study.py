@@ -151,7 +151,12 @@ def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if spec.sampler.name == "nsga2":
         with _quiet_optuna():
             return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
-    return optuna.samplers.RandomSampler(seed=seed)
+    # Random search as TPE that never leaves its random start-up phase: RandomSampler
+    # takes no constraints_func, so it would not record feasibility.
+    with _quiet_optuna():
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=2**31 - 1, constraints_func=constraints
+        )
 
 
 def spec_differences(stored: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[str]:

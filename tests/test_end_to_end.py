@@ -55,6 +55,7 @@ def test_two_workers_finish_exactly_the_budget(
     assert study.trials[0].params == {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}
 
     store = FileSystemArtifactStore(str(artifacts / "optuna"))
+    teacher_files = set()
     for trial in study.trials:
         sigma, drop = trial.values
         assert math.isfinite(sigma) and math.isfinite(drop)
@@ -68,6 +69,7 @@ def test_two_workers_finish_exactly_the_budget(
             download_artifact(
                 artifact_store=store, artifact_id=artifact_id, file_path=str(files[name])
             )
+        teacher_files.add(files["teacher_train.csv"].read_bytes())
         teacher = read_predictions(files["teacher_train.csv"])
         student = read_predictions(files["student_train.csv"])
         assert len(teacher.labels) == 160  # train_limit
@@ -78,3 +80,5 @@ def test_two_workers_finish_exactly_the_budget(
         teacher_dev = read_predictions(files["teacher_dev.csv"])
         accuracy = lambda p: float((p.preds == p.labels).mean())  # noqa: E731
         assert accuracy(teacher_dev) - accuracy(dev) == pytest.approx(drop, abs=1e-12)
+    # Every trial of both workers used the very same teacher logits.
+    assert len(teacher_files) == 1

@@ -121,7 +121,9 @@ def test_export_best_student_loads_and_reproduces(finished: dict) -> None:
     study = optuna.load_study(study_name="results", storage=finished["url"])
     trial = study.trials[card["trial"]]
     assert card["recorded"]["sigma"] == trial.values[0]
-    assert card["reproduced"]["sigma"] == pytest.approx(trial.values[0], abs=1e-9)
+    # The worker ran with 1 thread, the export with all cores: float sums may round
+    # differently, nothing more.
+    assert card["reproduced"]["sigma"] == pytest.approx(trial.values[0], abs=1e-6)
     assert card["reproduced_within_tolerance"] is True
     # A plain Hugging Face folder that predicts what the trial recorded.
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()

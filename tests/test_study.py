@@ -145,3 +145,18 @@ def test_trial_hyperparameters_merge_searched_values_over_defaults(spec: StudySp
     hp = trial_hyperparameters(spec, {"learning_rate": 1e-3, "batch_size": 16, "epochs": 2})
     assert (hp.learning_rate, hp.batch_size, hp.epochs) == (1e-3, 16, 2)
     assert (hp.weight_decay, hp.temperature, hp.warmup_proportion) == (1e-4, 1.0, 0.1)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_every_sampler_records_feasibility(tmp_path: Path, spec: StudySpec, sampler: str) -> None:
+    spec = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"name": sampler})})
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    create_or_attach(storage, spec)
+    study = optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, 0))
+    for sigma in (0.01, 0.2):
+        trial = claim_trial(study, spec, storage)
+        assert isinstance(trial, optuna.Trial)
+        trial.set_user_attr("sigma", sigma)
+        trial.set_user_attr("accuracy_drop", 0.0)
+        study.tell(trial, [sigma, 0.0])
+    assert [is_feasible(t) for t in study.trials] == [True, False]

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.data import Split
+from workers.device import autocast, to_device
 from workers.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -193,9 +194,11 @@ def fit(
         for epoch in range(settings.epochs):
             loss_sum = torch.zeros((), device=device)
             for index in length_grouped_batches(lengths, settings.batch_size, generator):
-                batch = {k: v.to(device) for k, v in collate(data, index, pad_id).items()}
-                logits = model(**batch).logits  # (B, C)
-                loss = loss_fn(logits, targets[index].to(device))
+                batch = to_device(collate(data, index, pad_id), device)
+                with autocast(device):
+                    logits = model(**batch).logits  # (B, C)
+                # The loss upcasts to fp32 itself (SoftCrossEntropy) or is fp32 already.
+                loss = loss_fn(logits.float(), targets[index].to(device, non_blocking=True))
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -228,6 +231,7 @@ def predict_logits(
     out = torch.empty((len(data), model.config.num_labels), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(data, index, pad_id).items()}
-        out[index] = model(**batch).logits.float().cpu()
+        batch = to_device(collate(data, index, pad_id), device)
+        with autocast(device):
+            out[index] = model(**batch).logits.float().cpu()
     return out

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from service.spec import Stage1Spec
+from workers.device import to_device
 from workers.distill import Encoded, collate, length_grouped_batches, param_groups
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def distill_intermediate(
         total = torch.zeros((), device=device)
         batches = length_grouped_batches(lengths, settings.batch_size, generator)
         for index in batches:
-            batch = {k: v.to(device) for k, v in collate(data, index, pad_id).items()}
+            batch = to_device(collate(data, index, pad_id), device)
             with torch.no_grad():
                 # The teacher's hidden states are needed every step (they are large,
                 # so unlike stage 2's logits they are not cached).

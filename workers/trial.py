@@ -19,6 +19,7 @@ from service.pruning import ProbePoint
 from service.spec import Hyperparameters, Stage1Spec, StudySpec
 from workers.assets import StudyAssets, run_stage1
 from workers.data import NUM_LABELS
+from workers.device import peak_memory
 from workers.distill import SoftCrossEntropy, fit, predict_logits
 from workers.metrics import (
     accuracy,
@@ -158,14 +159,17 @@ class DistillationTrial:
         """setup, train, evaluate, cleanup. ``keep_student`` leaves the trained student
         in ``self.student`` (for export); the caller then calls ``cleanup()``."""
         start = time.perf_counter()
+        memory: dict[str, float] = {}
         try:
-            self.setup()
-            losses = self.train()
-            probs_train, probs_dev = self.evaluate()
+            with peak_memory(self.device, memory):
+                self.setup()
+                losses = self.train()
+                probs_train, probs_dev = self.evaluate()
         finally:
             if not keep_student:
                 self.cleanup()
         result = score(self.spec, self.assets, probs_train, probs_dev, losses, start)
+        result.attrs.update(memory)
         if self.stage1 is not None:
             result.attrs["stage1_epoch_losses"] = self.stage1_losses
         return result

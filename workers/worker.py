@@ -54,6 +54,7 @@ from service.study import (
 )
 from workers import plots
 from workers.assets import StudyAssets, prepare_assets, prepare_stage1_student
+from workers.device import configure as configure_device
 from workers.predictions import write_predictions
 from workers.trial import DistillationTrial, TrialResult
 
@@ -188,8 +189,7 @@ class Worker:
             sampler=build_sampler(spec, worker_seed(spec)),
         )
         self.device = pick_device(options.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(options.threads or os.cpu_count() or 1)
+        configure_device(self.device, options.threads)
         store_dir = options.artifacts_dir / "optuna"
         store_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_store = FileSystemArtifactStore(str(store_dir))

