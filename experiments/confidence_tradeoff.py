@@ -5,7 +5,7 @@ first 1, 2 and 3 layers. For each (task, student) a kdsearch study: the paper's 
 configuration (the baseline, trial 0) plus a small TPE search. Prints a Markdown table of
 baseline sigma vs best sigma, with accuracy drops, and writes it to --out.
 
-    .venv/bin/python experiments/confidence_tradeoff.py --trials 5 --out docs/experiment-results.md
+    .venv/bin/python experiments/confidence_tradeoff.py --trials 6 --out experiments/out/table.md
 """
 
 from __future__ import annotations

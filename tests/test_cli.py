@@ -106,3 +106,13 @@ def test_unreachable_database_never_prints_the_password() -> None:
 def test_not_a_database_url() -> None:
     result = kdsearch("status", "--study", "x", "--storage", "not a url")
     assert_clean_failure(result, "is not a database URL")
+
+
+def test_the_service_side_never_imports_torch() -> None:
+    code = (
+        "import sys, service.cli, service.report, service.study, service.pruning, "
+        "service.spec, service.storage, service.status; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]", result.stderr
