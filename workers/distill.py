@@ -206,7 +206,9 @@ def fit(
                 # Accumulate on the device; reading .item() per step would sync every step.
                 loss_sum += loss.detach()
                 report = progress.due()
-                progress.advance(epoch + 1, settings.epochs, float(loss.detach()) if report else None)
+                progress.advance(
+                    epoch + 1, settings.epochs, float(loss.detach()) if report else None
+                )
             mean_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
