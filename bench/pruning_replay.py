@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from service.pruning import ProbePoint, should_prune
+from service.report import pareto_front
 from service.spec import PruningSpec, StudySpec
 from service.storage import open_storage
 from service.study import PROBES_ATTR, is_feasible, load_stored_spec
@@ -36,18 +37,6 @@ RULES = {
 
 def history(trial: FrozenTrial) -> list[ProbePoint]:
     return [ProbePoint.from_dict(p) for p in trial.user_attrs.get(PROBES_ATTR, [])]
-
-
-def pareto_front(trials: list[FrozenTrial]) -> set[int]:
-    front = set()
-    for t in trials:
-        dominated = any(
-            all(o <= v for o, v in zip(u.values, t.values, strict=True)) and u.values != t.values
-            for u in trials
-        )
-        if not dominated:
-            front.add(t.number)
-    return front
 
 
 def replay(spec: StudySpec, trials: list[FrozenTrial], rule: PruningSpec) -> dict[str, float]:

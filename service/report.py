@@ -69,8 +69,8 @@ def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
         baseline_accuracy_drop=baseline.values[1] if baseline else None,
         best_trial=best.number if best else None,
         best_sigma=best.values[0] if best else None,
-        teacher_dev_accuracy=(best or baseline).user_attrs.get("teacher_dev_accuracy")
-        if (best or baseline)
+        teacher_dev_accuracy=complete[0].user_attrs.get("teacher_dev_accuracy")
+        if complete
         else None,
         best_student_dev_accuracy=best.user_attrs.get("student_dev_accuracy") if best else None,
         best_accuracy_drop=best.values[1] if best else None,
@@ -151,7 +151,7 @@ def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     front = {t.number for t in study.best_trials}
-    everything_front = _pareto(trials)
+    everything_front = pareto_front(trials)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for t in trials:
         feasible = bool(is_feasible(t))
@@ -179,7 +179,9 @@ def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
     plt.close(fig)
 
 
-def _pareto(trials: list[FrozenTrial]) -> set[int]:
+def pareto_front(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the finished trials no other trial dominates (feasible or not)."""
+
     def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
         return all(x <= y for x, y in zip(a.values, b.values, strict=True)) and a.values != b.values
 

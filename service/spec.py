@@ -154,7 +154,7 @@ HYPERPARAMETER_NAMES = tuple(Hyperparameters.model_fields) + tuple(
     STAGE1_PREFIX + name for name in Stage1Spec.model_fields
 )
 _SEARCH_SPACE: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Param])
-_INTEGER_HYPERPARAMETERS = ("batch_size", "epochs", "stage1_batch_size", "stage1_epochs")
+INTEGER_HYPERPARAMETERS = ("batch_size", "epochs", "stage1_batch_size", "stage1_epochs")
 
 
 class Thresholds(_Section):
@@ -295,7 +295,7 @@ def _search_space_problems(
         default = getattr(defaults, key)
         key_of_default = f"defaults.{key}"
     if isinstance(param, CategoricalParam):
-        if key in _INTEGER_HYPERPARAMETERS and any(float(c) != int(c) for c in param.choices):
+        if key in INTEGER_HYPERPARAMETERS and any(float(c) != int(c) for c in param.choices):
             return [f"{where}.choices {param.choices} must be whole numbers for {key}"]
         if default not in param.choices:
             return [
@@ -305,7 +305,7 @@ def _search_space_problems(
             ]
         return []
     problems = []
-    if isinstance(param, FloatParam) and key in _INTEGER_HYPERPARAMETERS:
+    if isinstance(param, FloatParam) and key in INTEGER_HYPERPARAMETERS:
         problems.append(f"{where}.type is 'float' but {key} is a whole number; use type: int")
     if param.low >= param.high:
         problems.append(

@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from service.errors import KdsearchError
 from service.spec import (
+    INTEGER_HYPERPARAMETERS,
     STAGE1_PREFIX,
     CategoricalParam,
     FloatParam,
@@ -87,7 +88,7 @@ def baseline_params(spec: StudySpec) -> dict[str, Any]:
 
 
 def _typed(name: str, value: Any) -> Any:
-    return int(value) if name.endswith(("batch_size", "epochs")) else float(value)
+    return int(value) if name in INTEGER_HYPERPARAMETERS else float(value)
 
 
 def trial_hyperparameters(spec: StudySpec, params: dict[str, Any]) -> Hyperparameters:

@@ -24,9 +24,10 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna_dashboard import get_note
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from service.report import summarize
 from service.spec import load_spec
 from service.storage import open_storage
-from service.study import create_or_attach
+from service.study import create_or_attach, load_stored_spec
 from tests.conftest import ROOT, tiny_spec_text, write_spec
 from tests.test_cli import assert_clean_failure, kdsearch
 from workers.predictions import read_predictions
@@ -81,7 +82,12 @@ def test_study_note_summarises_baseline_and_best(finished: dict) -> None:
     baseline = study.trials[0]
     assert note.startswith("# results")
     assert f"**baseline** (the paper's defaults): sigma {baseline.values[0]:.4f}" in note
-    assert "3 feasible" in note or "feasible" in note
+    summary = summarize(study, load_stored_spec(open_storage(finished["url"]), "results"))
+    assert (
+        f"trials: {summary.n_feasible} feasible, {summary.n_infeasible} infeasible, "
+        "0 pruned, 0 failed" in note
+    )
+    assert summary.n_feasible + summary.n_infeasible == 3
     assert "0 running" in note  # updated after the last trial
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -49,6 +50,15 @@ class StudyAssets:
     @property
     def teacher_dev_accuracy(self) -> float:
         return self.teacher_metrics["accuracy"]
+
+    @functools.cached_property
+    def teacher_probs_train(self) -> np.ndarray:
+        """(N_train, C) softmax at T = 1, computed once per process, not per trial."""
+        return torch.softmax(self.teacher_logits_train, -1).numpy()
+
+    @functools.cached_property
+    def teacher_probs_dev(self) -> np.ndarray:
+        return torch.softmax(self.teacher_logits_dev, -1).numpy()
 
 
 def assets_key(spec: StudySpec) -> str:

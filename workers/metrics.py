@@ -91,20 +91,32 @@ def matthews_corrcoef(probs: np.ndarray, labels: np.ndarray) -> float:
     return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
-    """ECE with equal-width bins on the predicted class's confidence."""
+def calibration_bins(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10
+) -> list[tuple[float, float, float]]:
+    """(mean confidence, accuracy, share of inputs) of each non-empty equal-width bin of
+    the predicted class's confidence."""
     probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels)
     confidence = probs.max(1)
-    correct = probs.argmax(1) == labels
+    correct = probs.argmax(1) == np.asarray(labels)
     # Bin i holds confidences in (i/n, (i+1)/n]; confidence 0 cannot occur for argmax.
     bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    return [
+        (
+            float(confidence[b == bins].mean()),
+            float(correct[b == bins].mean()),
+            float((b == bins).mean()),
+        )
+        for b in range(n_bins)
+        if (b == bins).any()
+    ]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
+    """ECE with equal-width bins on the predicted class's confidence."""
+    return float(
+        sum(share * abs(acc - conf) for conf, acc, share in calibration_bins(probs, labels, n_bins))
+    )
 
 
 def task_metrics(task: str, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
 import numpy as np
 
-from workers.metrics import both_correct
+from workers.metrics import both_correct, calibration_bins
 
 
 def delta_histogram(
@@ -72,12 +72,8 @@ def reliability_diagram(
     fig, ax = plt.subplots(figsize=(5, 5))
     edges = np.linspace(0, 1, 11)
     for probs, name, color in ((teacher, "teacher", "#4c72b0"), (student, "student", "#dd8452")):
-        confidence = probs.max(1)
-        correct = probs.argmax(1) == labels
-        bins = np.clip(np.ceil(confidence * 10).astype(int) - 1, 0, 9)
-        xs = [confidence[bins == b].mean() for b in range(10) if (bins == b).any()]
-        ys = [correct[bins == b].mean() for b in range(10) if (bins == b).any()]
-        ax.plot(xs, ys, marker="o", color=color, label=name)
+        bins = calibration_bins(probs, labels)  # the bins ECE is computed on
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], marker="o", color=color, label=name)
     ax.plot(edges, edges, color="#999999", ls="--", lw=1, label="perfect calibration")
     ax.set_xlabel("confidence (predicted class)")
     ax.set_ylabel("accuracy")

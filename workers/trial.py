@@ -80,7 +80,7 @@ class DistillationTrial:
         self.student: PreTrainedModel | None = None
         index = probe_indices(len(assets.train), spec.pruning.probe_size, spec.seed)
         self.probe_data = assets.train.subset(index)
-        self.probe_teacher = torch.softmax(assets.teacher_logits_train[index], -1).numpy()
+        self.probe_teacher = assets.teacher_probs_train[index]
 
     def setup(self) -> None:
         spec = self.spec
@@ -185,8 +185,7 @@ def score(
 ) -> TrialResult:
     labels_train = assets.train.labels.numpy()
     labels_dev = assets.dev.labels.numpy()
-    teacher_train = torch.softmax(assets.teacher_logits_train, -1).numpy()
-    teacher_dev = torch.softmax(assets.teacher_logits_dev, -1).numpy()
+    teacher_train, teacher_dev = assets.teacher_probs_train, assets.teacher_probs_dev
     on_train = confidence_stats(teacher_train, probs_train, labels_train)
     on_dev = confidence_stats(teacher_dev, probs_dev, labels_dev)
     student_dev = task_metrics(spec.task, probs_dev, labels_dev)

@@ -174,7 +174,11 @@ class Worker:
 
     def setup(self) -> None:
         options = self.options
-        spec = load_stored_spec(open_storage(options.storage_url), options.study_name)
+        # The spec holds the heartbeat settings the worker's storage needs: read it with a
+        # plain connection first, then drop that connection's pool.
+        plain = open_storage(options.storage_url)
+        spec = load_stored_spec(plain, options.study_name)
+        plain.engine.dispose()
         rel = spec.reliability
         self.storage = open_storage(
             options.storage_url,
@@ -362,7 +366,7 @@ class Worker:
             for name in ("teacher_train.csv", "teacher_dev.csv"):
                 paths[name] = assets.folder / name
             # Figures on the train split, where sigma is defined.
-            teacher = torch.softmax(assets.teacher_logits_train, -1).numpy()
+            teacher = assets.teacher_probs_train
             student, labels = result.student_probs_train, assets.train.labels.numpy()
             figures = {
                 "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
