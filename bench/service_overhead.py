@@ -6,6 +6,9 @@
    running a no-op objective through kdsearch's claim (study lock, global budget,
    stale-trial check) and tell.
 
+With ``--s3 s3://BUCKET/PREFIX`` (credentials and endpoint from the AWS_* environment),
+part 1 runs again with the trial artifacts in that bucket, against the folder baseline.
+
     .venv/bin/python bench/service_overhead.py --storage postgresql+psycopg2://postgres@127.0.0.1:5432/test
 """
 
@@ -23,6 +26,7 @@ from typing import TypeVar
 
 import optuna
 
+from service.artifacts import ArtifactLocation, resolve_artifacts
 from service.spec import spec_from_dict
 from service.storage import open_storage
 from service.study import (
@@ -74,22 +78,28 @@ class TimedWorker(Worker):
             self.storage_s += time.perf_counter() - start
 
 
-def storage_share(url: str, rows: int) -> str:
+def storage_share(url: str, rows: int, s3: str | None = None) -> tuple[float, str]:
+    """Seconds per trial in storage calls (artifact uploads included), and a summary line.
+    ``s3``: put the artifacts in that bucket instead of a local folder."""
     name = f"bench-share-{uuid.uuid4().hex[:8]}"
     spec = spec_from_dict(spec_dict(name, 2, rows), source="bench")
     storage = open_storage(url)
     create_or_attach(storage, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        worker = TimedWorker(WorkerOptions(url, name, Path(tmp)))
+        location = resolve_artifacts(f"{s3}/{name}") if s3 else ArtifactLocation(Path(tmp))
+        options = WorkerOptions(url, name, location, cache_dir=Path(tmp) / "cache")
+        worker = TimedWorker(options)
         worker.setup()  # assets (teacher logits) are once per study: not part of a trial
         worker.storage_s = 0.0
         start = time.perf_counter()
         worker._loop()
         total = time.perf_counter() - start
     optuna.delete_study(study_name=name, storage=storage)
-    return (
-        f"2 trials ({rows} train rows, 1 epoch each): {total:.1f} s in all, "
-        f"{worker.storage_s:.2f} s in storage calls = {worker.storage_s / total:.2%} of trial time"
+    where = "S3" if s3 else "a folder"
+    return worker.storage_s / 2, (
+        f"2 trials ({rows} train rows, 1 epoch each, artifacts in {where}): {total:.1f} s in "
+        f"all, {worker.storage_s:.2f} s in storage calls = {worker.storage_s / total:.2%} of "
+        "trial time"
     )
 
 
@@ -134,11 +144,21 @@ def main() -> None:
     parser.add_argument("--storage", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--noop-trials", type=int, default=200)
+    parser.add_argument(
+        "--s3", metavar="s3://BUCKET/PREFIX", help="also time artifacts in this bucket (boto3 env)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    lines = [storage_share(args.storage, args.rows)]
+    folder_s, line = storage_share(args.storage, args.rows)
+    lines = [line]
+    if args.s3:
+        s3_s, line = storage_share(args.storage, args.rows, args.s3)
+        lines += [
+            line,
+            f"S3 artifacts: {s3_s:.2f} s per trial vs {folder_s:.2f} s ({s3_s / folder_s:.2f}x)",
+        ]
     rates = {n: noop_rate(args.storage, n, args.noop_trials) for n in (1, 2, 4, 8)}
     for n, rate in rates.items():
         speedup = rate / rates[1]

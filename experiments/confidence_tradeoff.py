@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import transformers
 
+from service.artifacts import ArtifactLocation
 from service.spec import spec_from_dict
 from service.storage import open_storage, study_names
 from service.study import create_or_attach, is_feasible
@@ -109,7 +110,9 @@ def main() -> None:
             spec = spec_from_dict(study_spec(task, layers, args.trials), source="experiment")
             if not args.summarize_only:
                 create_or_attach(storage, spec)
-                worker = Worker(WorkerOptions(url, spec.name, args.workdir / "artifacts"))
+                worker = Worker(
+                    WorkerOptions(url, spec.name, ArtifactLocation(args.workdir / "artifacts"))
+                )
                 worker.run()
                 if worker.stop.requested:  # SIGTERM / Ctrl-C: stop the whole experiment
                     return

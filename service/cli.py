@@ -11,19 +11,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
 
+from service.artifacts import (
+    ARTIFACTS_ENV,
+    CACHE_ENV,
+    open_artifact_store,
+    resolve_artifacts,
+)
 from service.errors import KdsearchError
 from service.spec import TASKS
-from service.storage import (
-    ARTIFACTS_ENV,
-    STORAGE_ENV,
-    open_storage,
-    redact,
-    resolve_artifacts_dir,
-    resolve_storage_url,
-)
+from service.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
 
 logger = logging.getLogger("kdsearch")
 
@@ -38,6 +38,21 @@ def _storage_options() -> argparse.ArgumentParser:
     )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return common
+
+
+def _artifact_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--artifacts",
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="study assets and trial artifacts: a folder (one machine, or shared by all) or "
+        f"an S3-compatible bucket (default: ${ARTIFACTS_ENV}, else ./kdsearch-artifacts)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help=f"this machine's copy of the study assets (default: ${CACHE_ENV}; else "
+        "ARTIFACTS/cache for a folder, ~/.cache/kdsearch for S3)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", parents=[common], help="run trials of a study")
     worker.add_argument("--study", required=True, metavar="NAME")
-    worker.add_argument(
-        "--artifacts",
-        metavar="DIR",
-        help=f"shared folder for study assets and trial artifacts (default: ${ARTIFACTS_ENV}, "
-        "else ./kdsearch-artifacts)",
-    )
+    _artifact_options(worker)
     worker.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     worker.add_argument(
         "--gpu",
@@ -110,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="optuna-dashboard on the study storage and artifact store",
     )
-    dashboard.add_argument("--artifacts", metavar="DIR", help="as for worker")
+    dashboard.add_argument("--artifacts", metavar="DIR|s3://BUCKET/PREFIX", help="as for worker")
     dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (no auth!)")
     dashboard.add_argument("--port", type=int, default=8080)
 
@@ -131,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trial", type=int, metavar="N", help="default: the feasible trial with the lowest sigma"
     )
     export.add_argument("--out", required=True, metavar="DIR")
-    export.add_argument("--artifacts", metavar="DIR", help="as for worker")
+    _artifact_options(export)
     export.add_argument("--device", default="auto")
 
     status = commands.add_parser("status", parents=[common], help="one row per trial")
@@ -171,8 +181,6 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from workers.gpus import claim_gpu, pin_process_to, visible_gpus
 
     claim = None
@@ -194,7 +202,8 @@ def _worker(args: argparse.Namespace) -> int:
     options = WorkerOptions(
         storage_url=resolve_storage_url(args.storage),
         study_name=args.study,
-        artifacts_dir=resolve_artifacts_dir(args.artifacts),
+        artifacts=resolve_artifacts(args.artifacts),
+        cache_dir=args.cache_dir and Path(args.cache_dir),
         device=device,
         threads=args.threads,
         max_trials=args.max_trials,
@@ -210,26 +219,22 @@ def _worker(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     """optuna-dashboard with kdsearch's storage resolution: the URL (and its password)
     comes from --storage or the environment and never shows in the process list."""
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
     url = resolve_storage_url(args.storage)
     storage = open_storage(url)
-    artifacts = resolve_artifacts_dir(args.artifacts) / "optuna"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    artifact_store = open_artifact_store(resolve_artifacts(args.artifacts))
     logger.info("dashboard on http://%s:%d for %s", args.host, args.port, redact(url))
     run_server(
         storage,
         host=args.host,
         port=args.port,
-        artifact_store=FileSystemArtifactStore(str(artifacts)),
+        artifact_store=artifact_store,
     )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from service.report import format_csv, format_json, format_markdown, pareto_png, summarize
     from service.study import load_stored_spec
 
@@ -252,7 +257,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import transformers
 
@@ -264,7 +268,8 @@ def _export(args: argparse.Namespace) -> int:
         resolve_storage_url(args.storage),
         args.study,
         Path(args.out),
-        resolve_artifacts_dir(args.artifacts),
+        resolve_artifacts(args.artifacts),
+        cache_dir=args.cache_dir and Path(args.cache_dir),
         trial_number=args.trial,
         device_name=args.device,
     )
@@ -287,7 +292,6 @@ def _status(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from workers.score import score_files
 

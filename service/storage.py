@@ -13,6 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,19 +27,13 @@ from service.errors import KdsearchError
 logger = logging.getLogger(__name__)
 
 STORAGE_ENV = "KDSEARCH_STORAGE"
-ARTIFACTS_ENV = "KDSEARCH_ARTIFACTS"
 # Embedded default: one SQLite file in the working directory, for a single machine.
 DEFAULT_STORAGE = "sqlite:///kdsearch.db"
-DEFAULT_ARTIFACTS = "kdsearch-artifacts"
 
 
 def resolve_storage_url(cli_value: str | None) -> str:
     """``--storage`` wins, then ``$KDSEARCH_STORAGE``, then the embedded SQLite default."""
     return cli_value or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-
-
-def resolve_artifacts_dir(cli_value: str | None) -> Path:
-    return Path(cli_value or os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).resolve()
 
 
 def redact(url: str) -> str:
@@ -191,24 +186,49 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-@contextlib.contextmanager
-def study_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[None]:
-    """Serialise a short critical section across every worker of a study.
+def study_lock(storage: optuna.storages.RDBStorage, name: str) -> AbstractContextManager[None]:
+    """Serialise a short critical section (claiming a trial) across every worker of a study."""
+    return _named_lock(storage, f"kdsearch:{name}")
 
-    PostgreSQL: a session-level advisory lock (works across machines). SQLite: a file
-    lock next to the database (one machine, which is all SQLite serves).
-    """
+
+def assets_lock(storage: optuna.storages.RDBStorage, name: str) -> AbstractContextManager[None]:
+    """Serialise building the study assets ``name`` across machines. Building can take
+    minutes (fine-tuning a teacher): waiters poll, so a stop signal still reaches them."""
+    return _named_lock(storage, f"kdsearch-assets:{name}", poll_s=1.0)
+
+
+@contextlib.contextmanager
+def _named_lock(
+    storage: optuna.storages.RDBStorage, name: str, poll_s: float | None = None
+) -> Iterator[None]:
+    """PostgreSQL: a session-level advisory lock (works across machines; it dies with the
+    session, so a killed holder never blocks the others). SQLite: a file lock next to
+    the database (one machine, which is all SQLite serves)."""
     engine = storage.engine
     if engine.dialect.name == "postgresql":
-        key = _lock_key(f"kdsearch:{name}")
+        key = {"k": _lock_key(name)}
         with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            if poll_s is None:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), key)
+            else:
+                waited = False
+                while not conn.execute(
+                    sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), key
+                ).scalar():
+                    if not waited:
+                        logger.info("waiting for another worker holding %s", name)
+                        waited = True
+                    time.sleep(poll_s)
             conn.commit()
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+                try:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), key)
+                    conn.commit()
+                except sqlalchemy.exc.SQLAlchemyError as exc:
+                    # The server went away while we held it: the lock went with the session.
+                    logger.warning("could not release %s: %s", name, _first_line(exc))
         return
     database = engine.url.database or "kdsearch"
     lock_path = Path(f"{database}.{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")

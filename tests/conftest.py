@@ -12,7 +12,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,3 +188,50 @@ sampler: {{name: tpe, n_startup_trials: 2}}
 pruning: {{rule: {pruning}, probe_size: 64}}
 reliability: {{heartbeat_interval_s: 1, grace_period_s: {grace}, max_retries: 2}}
 {extra}"""
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """An S3-compatible server on a local port (moto's standalone server, a separate
+    process that speaks the S3 HTTP API), and the environment boto3 needs to reach it."""
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the moto S3 server did not start")
+        yield {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "kdsearch-test",
+            "AWS_SECRET_ACCESS_KEY": "kdsearch-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # never read a developer's own AWS profile
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The S3 environment set for this test, plus a fresh bucket: ``KDSEARCH_TEST_BUCKET``."""
+    import boto3
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"kdsearch-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return {**s3_server, "KDSEARCH_TEST_BUCKET": bucket}

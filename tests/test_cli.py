@@ -111,7 +111,7 @@ def test_not_a_database_url() -> None:
 def test_the_service_side_never_imports_torch() -> None:
     code = (
         "import sys, service.cli, service.report, service.study, service.pruning, "
-        "service.spec, service.storage, service.status; "
+        "service.spec, service.storage, service.status, service.artifacts; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -128,6 +128,11 @@ def test_compose_file_shape() -> None:
     )
     assert "POSTGRES_PASSWORD:?" in COMPOSE.read_text()  # required from the environment
     assert "healthcheck" in services["postgres"]
+    # S3 credentials pass through from the environment when set; none is written here.
+    for name in ("workers", "workers-cpu", "dashboard", "study"):
+        environment = services[name]["environment"]
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            assert key in environment and environment[key] is None, (name, key)
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
@@ -139,3 +144,34 @@ def test_docker_compose_config_validates(profile: list[str]) -> None:
         capture_output=True, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_passes_an_s3_store_to_workers_and_dashboard() -> None:
+    """With S3 set in the environment (or .env), the workers and the dashboard get the
+    bucket and the credentials; without it, the shared volume and no AWS_* variable."""
+
+    def resolved(extra: dict[str, str]) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KDSEARCH_"))}
+        result = subprocess.run(
+            ["docker-compose", "-f", str(COMPOSE), "config"],
+            capture_output=True, text=True, env={**env, "POSTGRES_PASSWORD": "x", **extra},
+            cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return yaml.safe_load(result.stdout)["services"]
+
+    s3 = {
+        "KDSEARCH_ARTIFACTS": "s3://kd/team",
+        "AWS_ACCESS_KEY_ID": "key-id",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+    }
+    services = resolved(s3)
+    for name in ("workers", "dashboard"):
+        environment = services[name]["environment"]
+        assert {k: environment.get(k) for k in s3} == s3, name
+        assert environment["XDG_CACHE_HOME"] == "/cache"
+    environment = resolved({})["workers"]["environment"]
+    assert environment["KDSEARCH_ARTIFACTS"] == "/artifacts"
+    assert not [k for k, v in environment.items() if k.startswith("AWS_") and v is not None]

@@ -12,7 +12,7 @@ from service.errors import SpecError
 from service.spec import Stage1Spec, load_spec
 from service.study import trial_hyperparameters, trial_stage1
 from tests.conftest import tiny_spec_text, write_spec
-from workers.assets import prepare_assets, prepare_stage1_student
+from workers.assets import AssetCache, prepare_assets, prepare_stage1_student
 from workers.intermediate import IntermediateLoss, LayerMap
 from workers.trial import DistillationTrial
 
@@ -78,9 +78,9 @@ def test_stage1_once_per_study(tmp_path: Path, stage1_spec_text: str, caplog) ->
     spec = load_spec(write_spec(tmp_path / "s.yaml", stage1_spec_text))
     assert spec.stage1 == Stage1Spec(epochs=2, learning_rate=1e-3) and not spec.stage1_per_trial
     caplog.set_level(logging.INFO)
-    assets = prepare_assets(spec, tmp_path / "cache", CPU)
-    first = prepare_stage1_student(spec, assets, tmp_path / "cache", CPU)
-    again = prepare_stage1_student(spec, assets, tmp_path / "cache", CPU)
+    assets = prepare_assets(spec, AssetCache(tmp_path / "cache"), CPU)
+    first = prepare_stage1_student(spec, assets, AssetCache(tmp_path / "cache"), CPU)
+    again = prepare_stage1_student(spec, assets, AssetCache(tmp_path / "cache"), CPU)
     assert first == again and (first / "config.json").is_file()
     losses = [r.getMessage() for r in caplog.records if "stage 1, epoch" in r.getMessage()]
     assert len(losses) == 2  # computed once: 2 epochs, not 4
@@ -101,7 +101,7 @@ def test_stage1_searched_runs_in_every_trial(tmp_path: Path, stage1_spec_text: s
     params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1, "stage1_learning_rate": 5e-4}
     stage1 = trial_stage1(spec, params)
     assert stage1 == Stage1Spec(epochs=2, learning_rate=5e-4)
-    assets = prepare_assets(spec, tmp_path / "cache", CPU)
+    assets = prepare_assets(spec, AssetCache(tmp_path / "cache"), CPU)
     hparams = trial_hyperparameters(spec, params)
     result = DistillationTrial(spec, assets, hparams, CPU, stage1=stage1).run()
     assert len(result.attrs["stage1_epoch_losses"]) == 2

@@ -20,6 +20,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from service.artifacts import ArtifactLocation
 from service.spec import StudySpec, load_spec
 from service.storage import open_storage
 from service.study import (
@@ -136,6 +137,9 @@ def test_b_kill_9_mid_trial_is_retried_with_the_same_hyperparameters(
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert trials(pg_url, "killed")[0].state == TrialState.RUNNING  # nobody told the study
+    # Past the 4 s grace period the trial is stale for sure, so the rescuer's first claim
+    # re-queues it (before that, it would rightly sample a new trial first).
+    time.sleep(5)
     rescuer = start_worker(pg_url, "killed", tmp_path / "art")
     finish([rescuer])
     ts = trials(pg_url, "killed")
@@ -223,7 +227,7 @@ def test_g_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
     optuna.load_study(study_name="pruned", storage=storage_url).enqueue_trial(
         {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
     )
-    options = WorkerOptions(storage_url, "pruned", tmp_path / "art", threads=1)
+    options = WorkerOptions(storage_url, "pruned", ArtifactLocation(tmp_path / "art"), threads=1)
     assert Worker(options).run() == 0
     pruned, finished = trials(storage_url, "pruned")
     assert pruned.state == TrialState.PRUNED and pruned.values is None
@@ -244,7 +248,7 @@ def test_a_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
     # An enqueued value outside the schema: the trial's code raises (a data error).
     broken = {"learning_rate": 5.0, "batch_size": 16, "epochs": 1}
     optuna.load_study(study_name="raises", storage=storage_url).enqueue_trial(broken)
-    options = WorkerOptions(storage_url, "raises", tmp_path / "art", threads=1)
+    options = WorkerOptions(storage_url, "raises", ArtifactLocation(tmp_path / "art"), threads=1)
     assert Worker(options).run() == 0
     ts = trials(storage_url, "raises")
     states = [t.state for t in ts]

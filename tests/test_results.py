@@ -24,6 +24,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna_dashboard import get_note
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from service.artifacts import ArtifactLocation
 from service.report import summarize
 from service.spec import load_spec
 from service.storage import open_storage
@@ -57,7 +58,10 @@ def finished(tmp_path_factory, postgres_server_url, tiny_bert_dir) -> dict:
     )
     spec = load_spec(write_spec(tmp / "r.yaml", text))
     create_or_attach(open_storage(url), spec)
-    assert Worker(WorkerOptions(url, "results", tmp / "artifacts", threads=1)).run() == 0
+    assert (
+        Worker(WorkerOptions(url, "results", ArtifactLocation(tmp / "artifacts"), threads=1)).run()
+        == 0
+    )
     return {"url": url, "artifacts": tmp / "artifacts", "tmp": tmp}
 
 

@@ -12,7 +12,7 @@ import torch
 from service.spec import StudySpec, load_spec
 from service.study import trial_hyperparameters
 from tests.conftest import tiny_spec_text, write_spec
-from workers.assets import StudyAssets, prepare_assets
+from workers.assets import AssetCache, StudyAssets, prepare_assets
 from workers.distill import predict_logits
 from workers.models import load_teacher
 from workers.trial import DistillationTrial
@@ -29,15 +29,15 @@ def spec(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Study
 
 @pytest.fixture(scope="module")
 def assets(spec: StudySpec, tmp_path_factory: pytest.TempPathFactory) -> StudyAssets:
-    return prepare_assets(spec, tmp_path_factory.mktemp("cache"), CPU)
+    return prepare_assets(spec, AssetCache(tmp_path_factory.mktemp("cache")), CPU)
 
 
 def test_assets_are_computed_once_and_reused(
     spec: StudySpec, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="workers.assets")
-    first = prepare_assets(spec, tmp_path, CPU)
-    second = prepare_assets(spec, tmp_path, CPU)
+    first = prepare_assets(spec, AssetCache(tmp_path), CPU)
+    second = prepare_assets(spec, AssetCache(tmp_path), CPU)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("preparing study assets" in m for m in messages) == 1
     assert sum("reusing study assets" in m for m in messages) == 1
@@ -47,7 +47,9 @@ def test_assets_are_computed_once_and_reused(
     # the fine-tuned teacher is kept with the assets
     assert (first.folder / "teacher" / "config.json").is_file()
     # a changed spec (here: max_seq_length) gets new assets, never stale ones
-    other = prepare_assets(spec.model_copy(update={"max_seq_length": 16}), tmp_path, CPU)
+    other = prepare_assets(
+        spec.model_copy(update={"max_seq_length": 16}), AssetCache(tmp_path), CPU
+    )
     assert other.folder != first.folder
 
 

@@ -2,7 +2,8 @@
 
 Tokenised train/dev splits, the (optionally fine-tuned) teacher's logits on both, and
 its predictions in the paper's CSV format. The first worker to need them computes them
-under a file lock; the others wait and load the result. The cache key covers everything
+under a lock; the others wait and load the result (from a shared folder, or fetched
+from S3 into their machine's cache). The cache key covers everything
 the assets depend on (teacher, fine-tuning, data contents, task, max_seq_length, seed),
 so a change computes new assets instead of reusing stale ones.
 """
@@ -18,14 +19,18 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from service.artifacts import ArtifactLocation, S3Bucket
 from service.spec import Stage1Spec, StudySpec
+from service.storage import assets_lock
 from workers.data import NUM_LABELS, data_fingerprint, load_split
 from workers.distill import Encoded, encode, fit, predict_logits
 from workers.intermediate import distill_intermediate
@@ -84,26 +89,77 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached_folder(folder: Path, what: str, build: Callable[[Path], None]) -> Path:
-    """``folder``, built by ``build(tmp)`` by the first process that needs it while the
-    others wait on the lock, then published atomically (no reader sees half a folder)."""
-    with _file_lock(folder.with_suffix(".lock")):
-        if not folder.is_dir():
-            logger.info("preparing %s in %s (once per study)", what, folder)
+@dataclass(frozen=True)
+class AssetCache:
+    """Where study assets are built once and kept.
+
+    ``local`` is this machine's folder; with a shared filesystem it serves every machine.
+    With an S3 artifact location, ``shared`` holds the published copies that other
+    machines fetch instead of recomputing, and ``lock(name)`` (a database advisory lock)
+    makes one machine build while the others wait.
+    """
+
+    local: Path
+    shared: S3Bucket | None = None
+    lock: Callable[[str], AbstractContextManager[None]] | None = None
+
+    def folder(self, name: str, what: str, build: Callable[[Path], None]) -> Path:
+        """``local/name``, built by ``build(tmp)`` (or fetched) by the first process that
+        needs it while the others wait, then published atomically: no reader ever sees
+        half a folder, and every trial on every machine sees the same bytes."""
+        folder = self.local / name
+        with _file_lock(folder.with_suffix(".lock")):  # processes of this machine
+            if folder.is_dir():
+                logger.info("reusing %s from %s", what, folder)
+                return folder
             tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            build(tmp)
+            if self.shared is None:
+                logger.info("preparing %s in %s (once per study)", what, folder)
+                build(tmp)
+            else:
+                assert self.lock is not None
+                with self.lock(name):  # machines
+                    self._fetch_or_build(name, what, tmp, build)
             os.replace(tmp, folder)
-        else:
-            logger.info("reusing %s from %s", what, folder)
-    return folder
+        return folder
+
+    def _fetch_or_build(
+        self, name: str, what: str, tmp: Path, build: Callable[[Path], None]
+    ) -> None:
+        assert self.shared is not None
+        if not self.shared.is_published(name):
+            logger.info("preparing %s (once per study, published to S3)", what)
+            build(tmp)
+            if self.shared.publish(tmp, name):
+                return
+            # Another machine published first (our lock was lost): use its copy, so that
+            # every machine distils from the same teacher outputs.
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+        logger.info("fetching %s from S3", what)
+        self.shared.fetch(name, tmp)
 
 
-def prepare_assets(spec: StudySpec, cache_dir: Path, device: torch.device) -> StudyAssets:
+def open_asset_cache(
+    location: ArtifactLocation,
+    cache_dir: Path,
+    storage: optuna.storages.RDBStorage,
+    shared: S3Bucket | None = None,
+) -> AssetCache:
+    """The asset cache for an artifact location (``shared``: an already opened bucket)."""
+    if not location.is_s3:
+        return AssetCache(cache_dir)
+    return AssetCache(
+        cache_dir, shared or S3Bucket(location), functools.partial(assets_lock, storage)
+    )
+
+
+def prepare_assets(spec: StudySpec, cache: AssetCache, device: torch.device) -> StudyAssets:
     """Load the study's assets, computing them first if no worker has yet."""
-    folder = _cached_folder(
-        cache_dir / f"{spec.task}-{assets_key(spec)}",
+    folder = cache.folder(
+        f"{spec.task}-{assets_key(spec)}",
         "study assets",
         lambda tmp: _compute_assets(spec, tmp, device),
     )
@@ -131,7 +187,7 @@ def run_stage1(
 
 
 def prepare_stage1_student(
-    spec: StudySpec, assets: StudyAssets, cache_dir: Path, device: torch.device
+    spec: StudySpec, assets: StudyAssets, cache: AssetCache, device: torch.device
 ) -> Path:
     """The study's stage-1 student, distilled once (fixed stage-1 settings) and shared."""
     assert spec.stage1 is not None
@@ -148,7 +204,7 @@ def prepare_stage1_student(
         run_stage1(spec, assets, student, spec.stage1, device)  # type: ignore[arg-type]
         student.save_pretrained(tmp)
 
-    return _cached_folder(cache_dir / f"stage1-{key}", "the stage-1 student", build)
+    return cache.folder(f"stage1-{key}", "the stage-1 student", build)
 
 
 def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None:

@@ -21,11 +21,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from service.artifacts import ArtifactLocation, resolve_cache_dir
 from service.errors import KdsearchError
 from service.report import best_feasible
 from service.storage import open_storage
 from service.study import load_stored_spec, trial_hyperparameters, trial_stage1
-from workers.assets import prepare_assets, prepare_stage1_student, teacher_ref
+from workers.assets import open_asset_cache, prepare_assets, prepare_stage1_student, teacher_ref
 from workers.models import load_tokenizer
 from workers.trial import DistillationTrial
 from workers.worker import pick_device
@@ -40,7 +41,8 @@ def export_student(
     storage_url: str,
     study_name: str,
     out_dir: Path,
-    artifacts_dir: Path,
+    artifacts: ArtifactLocation,
+    cache_dir: Path | None = None,
     trial_number: int | None = None,
     device_name: str = "auto",
 ) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def export_student(
                 f"trial {trial_number} of {study_name!r} {state}; export a COMPLETE trial"
             )
     device = pick_device(device_name)
-    cache = artifacts_dir / "cache"
+    cache = open_asset_cache(artifacts, resolve_cache_dir(artifacts, cache_dir), storage)
     assets = prepare_assets(spec, cache, device)
     stage1_student = None
     if spec.stage1 is not None and not spec.stage1_per_trial:

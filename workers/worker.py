@@ -31,9 +31,10 @@ from typing import TypeVar
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
+from service.artifacts import ArtifactLocation, S3Bucket, open_artifact_store, resolve_cache_dir
 from service.errors import KdsearchError
 from service.pruning import ProbePoint, should_prune
 from service.report import update_study_note
@@ -53,7 +54,7 @@ from service.study import (
     worker_seed,
 )
 from workers import plots
-from workers.assets import StudyAssets, prepare_assets, prepare_stage1_student
+from workers.assets import StudyAssets, open_asset_cache, prepare_assets, prepare_stage1_student
 from workers.device import configure as configure_device
 from workers.predictions import write_predictions
 from workers.trial import DistillationTrial, TrialResult
@@ -73,7 +74,8 @@ class StopRequested(BaseException):
 class WorkerOptions:
     storage_url: str
     study_name: str
-    artifacts_dir: Path
+    artifacts: ArtifactLocation
+    cache_dir: Path | None = None  # None: see service.artifacts.resolve_cache_dir
     device: str = "auto"
     threads: int | None = None
     max_trials: int | None = None
@@ -194,10 +196,12 @@ class Worker:
         )
         self.device = pick_device(options.device)
         configure_device(self.device, options.threads)
-        store_dir = options.artifacts_dir / "optuna"
-        store_dir.mkdir(parents=True, exist_ok=True)
-        self.artifact_store = FileSystemArtifactStore(str(store_dir))
-        cache = options.artifacts_dir / "cache"
+        location = options.artifacts
+        shared = S3Bucket(location) if location.is_s3 else None
+        self.artifact_store = open_artifact_store(location, shared)
+        cache = open_asset_cache(
+            location, resolve_cache_dir(location, options.cache_dir), self.storage, shared
+        )
         self.stage1_student: Path | None = None
         with self.stop.interruptible():  # fine-tuning a teacher can take long
             self.assets: StudyAssets = prepare_assets(spec, cache, self.device)

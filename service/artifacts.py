@@ -1,0 +1,232 @@
+"""Where study assets and trial artifacts live: a folder, or an S3-compatible bucket.
+
+A folder serves one machine, or many when every worker mounts the same shared filesystem
+(NFS, a Docker volume). ``s3://BUCKET/PREFIX`` serves workers on any machine that can
+reach the bucket: AWS S3 or any S3-compatible store (MinIO, Ceph RGW, Cloudflare R2...).
+boto3 finds the credentials and the endpoint the usual way: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` (for a store that is not AWS),
+``~/.aws``, instance roles. Nothing secret is read from kdsearch's own options.
+
+Layout, under the folder or under the bucket's prefix::
+
+    optuna/<artifact id>           trial artifacts (optuna's artifact store)
+    cache/<name>/...               study assets, in a folder location
+    cache/<name>/MANIFEST.json     in S3: the build and its file list, written last
+    cache/<name>/files-<build>/... in S3: the files of one build of that folder
+
+With S3, each machine keeps its own copy of the study assets in a local cache folder
+(``--cache-dir``, ``$KDSEARCH_CACHE``, else ``~/.cache/kdsearch``) and fetches a published
+folder instead of recomputing it. Every S3 call kdsearch makes is in this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from service.errors import KdsearchError
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+ARTIFACTS_ENV = "KDSEARCH_ARTIFACTS"
+CACHE_ENV = "KDSEARCH_CACHE"
+DEFAULT_ARTIFACTS = "kdsearch-artifacts"
+MANIFEST = "MANIFEST.json"
+
+
+@dataclass(frozen=True)
+class ArtifactLocation:
+    """A folder (``folder`` set) or an S3 bucket with a key prefix (``bucket`` set)."""
+
+    folder: Path | None = None
+    bucket: str | None = None
+    prefix: str = ""  # no leading or trailing slash; "" = the bucket's root
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    def key(self, *parts: str) -> str:
+        """The S3 key of ``parts`` under this location's prefix."""
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/") if self.is_s3 else str(self.folder)
+
+
+def resolve_artifacts(cli_value: str | None) -> ArtifactLocation:
+    """``--artifacts`` wins, then ``$KDSEARCH_ARTIFACTS``, then ``./kdsearch-artifacts``."""
+    value = cli_value or os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS
+    if "://" not in value:
+        return ArtifactLocation(folder=Path(value).resolve())
+    scheme, rest = value.split("://", 1)
+    bucket, _, prefix = rest.partition("/")
+    if scheme != "s3" or not bucket:
+        raise KdsearchError(
+            f"artifact location {value!r} is neither a folder nor s3://BUCKET[/PREFIX]; give "
+            f"a folder path or an S3 URL (--artifacts or ${ARTIFACTS_ENV})"
+        )
+    return ArtifactLocation(bucket=bucket, prefix=prefix.strip("/"))
+
+
+def resolve_cache_dir(location: ArtifactLocation, cli_value: str | Path | None) -> Path:
+    """The folder study assets are kept in on this machine. In a folder location it is the
+    shared ``cache/`` beside the artifacts, unless ``--cache-dir``/``$KDSEARCH_CACHE``
+    names another; with S3, a local one (the published copy lives in the bucket)."""
+    value = cli_value or os.environ.get(CACHE_ENV)
+    if value:
+        return Path(value).resolve()
+    if location.folder is not None:
+        return location.folder / "cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base, "kdsearch").resolve()
+
+
+def open_artifact_store(
+    location: ArtifactLocation, shared: S3Bucket | None = None
+) -> ArtifactStore:
+    """Optuna's artifact store at ``location``: the trials' files, shown by the dashboard
+    (``shared``: the location's bucket, when the caller has it open already)."""
+    if location.folder is not None:
+        from optuna.artifacts import FileSystemArtifactStore
+
+        folder = location.folder / "optuna"
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileSystemArtifactStore(str(folder))
+    return _PrefixedBoto3Store(shared or S3Bucket(location))
+
+
+class S3Bucket:
+    """The S3 side of a location: published study-asset folders and the artifact bucket.
+
+    Opening it checks that the bucket can be reached, so a wrong endpoint, credentials or
+    bucket name fail at startup with one message, not in the middle of a trial.
+    """
+
+    def __init__(self, location: ArtifactLocation) -> None:
+        assert location.bucket is not None
+        self.location = location
+        self.bucket = location.bucket
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise KdsearchError(
+                f"artifact location {str(location)!r} needs boto3, which is not installed; "
+                "install it with `pip install 'kdsearch[s3]'` or use a folder"
+            ) from None
+        # Trials' uploads ride out a store that blips (standard retries); the startup check
+        # does not retry, so a wrong endpoint, key or bucket fails at once.
+        patient = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10)
+        once = Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10)
+        try:
+            self.client = boto3.client("s3", config=patient)
+            boto3.client("s3", config=once).head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # botocore raises many types: endpoint, auth, 404, region
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KdsearchError(
+                f"cannot reach the artifact store {str(location)!r}: {reason}. Check that the "
+                "bucket exists and the store is up; boto3 reads AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY and, for a store that is not AWS (MinIO, Ceph...), "
+                f"AWS_ENDPOINT_URL (--artifacts or ${ARTIFACTS_ENV})"
+            ) from None
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+        return True
+
+    def is_published(self, name: str) -> bool:
+        return self._exists(self.location.key("cache", name, MANIFEST))
+
+    def publish(self, folder: Path, name: str) -> bool:
+        """Upload ``folder`` as ``name``: its files under a key of their own, then the
+        manifest that makes them visible. False (nothing published) when another machine
+        published ``name`` first; its files are never overwritten."""
+        build = uuid.uuid4().hex[:12]
+        paths = sorted(p for p in folder.rglob("*") if p.is_file())
+        files = {
+            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in paths
+        }
+        for relative in files:
+            key = self.location.key("cache", name, f"files-{build}", relative)
+            self.client.upload_file(str(folder / relative), self.bucket, key)
+        # The lock that serialises publishers can be lost (a database restart); a second
+        # look keeps the first published copy the only one.
+        if self.is_published(name):
+            return False
+        manifest = {"build": build, "host": socket.gethostname(), "files": files}
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.location.key("cache", name, MANIFEST),
+            Body=json.dumps(manifest, indent=1).encode(),
+        )
+        logger.info("published %d files to %s", len(files), self.location.key("cache", name))
+        return True
+
+    def fetch(self, name: str, dest: Path) -> None:
+        """Download published folder ``name`` into ``dest``, checking every file's hash."""
+        manifest_key = self.location.key("cache", name, MANIFEST)
+        manifest = json.loads(
+            self.client.get_object(Bucket=self.bucket, Key=manifest_key)["Body"].read()
+        )
+        for relative, expected in manifest["files"].items():
+            target = dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            key = self.location.key("cache", name, f"files-{manifest['build']}", relative)
+            self.client.download_file(self.bucket, key, str(target))
+            if _sha256(target) != expected["sha256"]:
+                raise KdsearchError(
+                    f"s3://{self.bucket}/{key} does not match its manifest (sha256); delete "
+                    f"s3://{self.bucket}/{self.location.key('cache', name)}/ so that the next "
+                    "worker rebuilds it"
+                )
+        logger.info("fetched %d files from %s", len(manifest["files"]), manifest_key)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _PrefixedBoto3Store:
+    """Optuna's Boto3ArtifactStore under the location's ``optuna/`` prefix (optuna's own
+    store writes at the bucket's root)."""
+
+    def __init__(self, shared: S3Bucket) -> None:
+        from optuna.artifacts import Boto3ArtifactStore
+
+        self._location = shared.location
+        self._store = Boto3ArtifactStore(shared.bucket, client=shared.client)
+
+    def _key(self, artifact_id: str) -> str:
+        return self._location.key("optuna", artifact_id)
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self._store.open_reader(self._key(artifact_id))
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self._store.write(self._key(artifact_id), content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self._store.remove(self._key(artifact_id))
