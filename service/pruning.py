@@ -1,20 +1,23 @@
 """Pruning for two objectives, from each trial's probe history.
 
 Optuna cannot prune multi-objective studies (``trial.report`` / ``should_prune`` raise),
-so kdsearch records a cheap probe after every epoch (sigma on a fixed train subset,
-accuracy_drop on dev) and decides here. Both rules are pure functions of histories:
-no database, no clock.
+so kdsearch records a cheap probe after every epoch, and every ``probe_every_steps``
+steps when set (sigma on a fixed train subset, accuracy_drop on dev), and decides here.
+A probe's ``epoch`` is the training done so far in epochs: 2.0 after the second epoch,
+1.25 a quarter into the second. Both rules are pure functions of histories: no
+database, no clock.
 
 Neither rule prunes during the ``warmup_epochs`` nor at the last epoch: by then the
 training is paid for, and the finished trial is more useful (its constraints mark it
 infeasible) than a pruned one.
 
 **Threshold rule** (the mission's): after ``warmup_epochs``, prune when the probe exceeds
-a threshold plus a slack that shrinks linearly from its full value at the first decision
-to zero at the last epoch::
+a threshold plus a slack that is full up to the end of the first epoch after the warm-up
+and then shrinks linearly to zero at the last epoch::
 
     progress = epoch / epochs                      (in (0, 1])
-    slack    = 1 - (progress - p0) / (1 - p0)      p0 = progress of the first decision
+    p0       = (warmup_epochs + 1) / epochs        the first epoch-end decision
+    slack    = clip(1 - (progress - p0) / (1 - p0), 0, 1)
     prune if sigma > sigma_max * (1 + sigma_tolerance * slack)
           or drop  > accuracy_drop_max + accuracy_drop_tolerance * slack
 
@@ -26,9 +29,10 @@ result up to the probe's sampling noise, and the threshold is applied as is.
 **Pareto rule** (ours): prune when at least ``pareto_min_trials`` finished trials had,
 at the same epoch, a probe point better by ``pareto_margin`` in *both* objectives. Those
 trials were already ahead at this point of training and ended up finished, so the
-current trial is unlikely to reach the front. It compares like with like (same epoch),
-but trials with more epochs have a slower lr decay at a given epoch, so it can prune a
-late bloomer: it is off by default (``rule: threshold``).
+current trial is unlikely to reach the front. It compares like with like (same epoch;
+epoch ends only, since step probes fall at different points for different batch
+sizes), but trials with more epochs have a slower lr decay at a given epoch, so it can
+prune a late bloomer: it is off by default (``rule: threshold``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from service.spec import PruningSpec, Thresholds
 
 @dataclass(frozen=True)
 class ProbePoint:
-    epoch: int  # 1-based
+    epoch: float  # epochs of training done: 1.0 after the first, 1.5 halfway through the 2nd
     epochs: int  # the trial's total epochs
     sigma: float
     accuracy_drop: float
@@ -51,12 +55,16 @@ class ProbePoint:
     def progress(self) -> float:
         return self.epoch / self.epochs
 
+    @property
+    def at_epoch_end(self) -> bool:
+        return float(self.epoch).is_integer()
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ProbePoint:
-        return cls(int(raw["epoch"]), int(raw["epochs"]), raw["sigma"], raw["accuracy_drop"])
+        return cls(raw["epoch"], int(raw["epochs"]), raw["sigma"], raw["accuracy_drop"])
 
 
 def _decides(history: Sequence[ProbePoint], pruning: PruningSpec) -> bool:
@@ -71,7 +79,11 @@ def threshold_prune(
         return False
     last = history[-1]
     first_decision = (pruning.warmup_epochs + 1) / last.epochs
-    slack = max(0.0, 1.0 - (last.progress - first_decision) / (1.0 - first_decision))
+    if first_decision >= 1.0:  # only step probes decide (before the last epoch ends)
+        slack = 1.0
+    else:
+        slack = 1.0 - (last.progress - first_decision) / (1.0 - first_decision)
+        slack = min(1.0, max(0.0, slack))
     sigma_limit = thresholds.sigma_max * (1.0 + pruning.sigma_tolerance * slack)
     drop_limit = thresholds.accuracy_drop_max + pruning.accuracy_drop_tolerance * slack
     # NaN sigma (no input right for both models) compares False: never pruned on it alone.
@@ -83,7 +95,7 @@ def pareto_prune(
     finished_histories: Sequence[Sequence[ProbePoint]],
     pruning: PruningSpec,
 ) -> bool:
-    if not _decides(history, pruning):
+    if not _decides(history, pruning) or not history[-1].at_epoch_end:
         return False
     last = history[-1]
     margin = pruning.pareto_margin

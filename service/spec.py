@@ -165,14 +165,19 @@ class Thresholds(_Section):
 
 
 class PruningSpec(_Section):
-    """Early stopping from a cheap probe after every epoch (see ``service/pruning.py``)."""
+    """Early stopping from a cheap probe after every epoch, or every N steps (see
+    ``service/pruning.py``)."""
 
     rule: Literal["none", "threshold", "pareto", "threshold+pareto"] = "threshold"
     """Which rule prunes. Probes are recorded whatever the rule, ``none`` included."""
     probe_size: Annotated[int, Field(gt=0)] = 1000
     """Train rows in the probe's sigma: a fixed, seeded subset, the same for every trial."""
+    probe_every_steps: Annotated[int, Field(gt=0)] | None = None
+    """Also probe every this many optimizer steps within an epoch (for long epochs: a bad
+    trial stops before its first epoch ends). None: after each epoch only. Each probe
+    costs an inference pass over probe_size train rows and the dev split."""
     warmup_epochs: Annotated[int, Field(ge=0)] = 1
-    """Probes at these first epochs never prune."""
+    """Probes during these first epochs never prune."""
     sigma_tolerance: Annotated[float, Field(ge=0)] = 0.5
     """Threshold rule: relative slack on sigma_max at the first decision (0.5: prune above
     1.5 x sigma_max), shrinking linearly to 0 at the last epoch."""

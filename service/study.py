@@ -36,7 +36,7 @@ BASELINE_ATTR = "kdsearch:baseline"
 ATTEMPT_ATTR = "kdsearch:attempt"  # 0 for a first run, n for the n-th retry
 RETRY_OF_ATTR = "kdsearch:retry_of"  # number of the trial this one re-runs
 RETRY_REASON_ATTR = "kdsearch:retry_reason"  # why the trial it re-runs failed
-PROBES_ATTR = "probe_history"  # per-epoch probe points, kept for pruned trials too
+PROBES_ATTR = "probe_history"  # probe points (epoch ends, or every N steps), kept if pruned
 # A trial counts against the budget once it is done, running, or queued to run.
 _BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 

@@ -103,3 +103,48 @@ def test_a_nan_loss_stops_training(tiny_bert_dir) -> None:
             0,
             0,
         )
+
+
+@pytest.mark.parametrize(
+    ("every", "expected"),
+    [
+        # 10 rows, batch 4: 3 steps per epoch (the last batch has 2 rows), 2 epochs
+        (None, [1.0, 2.0]),
+        (1, [1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0]),
+        (2, [2 / 3, 1.0, 4 / 3, 2.0]),  # global step 6 is an epoch end: probed once
+        (3, [1.0, 2.0]),
+    ],
+)
+def test_probes_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, expected) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from service.spec import Hyperparameters
+    from workers.data import Split
+    from workers.distill import encode, fit
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    data = encode(tokenizer, Split(["a fine film", "a dull film"] * 5, None, [1, 0] * 5), 16)
+    settings = Hyperparameters(learning_rate=1e-3, batch_size=4, epochs=2)
+    seen: list[tuple[float, bool]] = []
+
+    def probe(epoch: float) -> None:
+        seen.append((epoch, model.training))
+        model.eval()  # a probe leaves eval mode; fit must switch back to training
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    cpu = torch.device("cpu")
+    fit(
+        model,
+        data,
+        data.labels,
+        loss_fn,
+        settings,
+        cpu,
+        0,
+        0,
+        on_probe=probe,
+        probe_every_steps=every,
+    )
+    assert [e for e, _ in seen] == pytest.approx(expected)
+    assert all(training for _, training in seen)

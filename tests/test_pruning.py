@@ -86,3 +86,24 @@ def test_probe_point_round_trips_through_user_attrs() -> None:
     point = ProbePoint(2, 3, 0.04, 0.01)
     assert ProbePoint.from_dict(point.as_dict()) == point
     assert point.progress == pytest.approx(2 / 3)
+
+
+def test_step_probes_decide_with_full_slack_until_the_first_epoch_end_decision() -> None:
+    """Probes every N steps: fractional epochs. Between the warm-up and epoch warmup+1
+    the slack is full; after it, the epoch-end schedule above (here 5 epochs, p0 = 0.4)."""
+    sigma_limit = lambda slack: 0.05 * (1 + 0.5 * slack)  # noqa: E731
+    for epoch, slack in ((0.5, None), (1.0, None), (1.25, 1.0), (2.0, 1.0), (2.5, 5 / 6)):
+        just_over = [ProbePoint(epoch, 5, sigma_limit(slack or 1.0) + 1e-9, 0.0)]
+        just_under = [ProbePoint(epoch, 5, sigma_limit(slack or 1.0) - 1e-9, 0.0)]
+        assert threshold_prune(just_over, THRESHOLDS, RULE) is (slack is not None), epoch
+        assert not threshold_prune(just_under, THRESHOLDS, RULE), epoch
+    # 2 epochs, warm-up 1: only step probes within epoch 2 decide, with the full slack.
+    assert threshold_prune([ProbePoint(1.5, 2, 0.076, 0.0)], THRESHOLDS, RULE)
+    assert not threshold_prune([ProbePoint(1.5, 2, 0.074, 0.0)], THRESHOLDS, RULE)
+
+
+def test_pareto_compares_epoch_ends_only() -> None:
+    rule = PruningSpec(rule="pareto", warmup_epochs=1, pareto_min_trials=1)
+    dominator = [ProbePoint(1.5, 5, 0.0, 0.0), ProbePoint(2, 5, 0.0, 0.0)]
+    assert not pareto_prune([ProbePoint(1.5, 5, 0.5, 0.5)], [dominator], rule)
+    assert pareto_prune([ProbePoint(2.0, 5, 0.5, 0.5)], [dominator], rule)

@@ -206,12 +206,22 @@ def test_d_e_sigterm_requeues_and_a_new_worker_resumes(
     assert len(trials(pg_url, "stopped")) == len(ts)
 
 
+@pytest.mark.parametrize(
+    ("probe_every_steps", "probed_at"),
+    [
+        ("null", [1, 2]),  # after each epoch: stopped after epoch 2
+        # 160 rows in batches of 32: 5 steps per epoch; probes at steps 4, 5 (epoch end)
+        # and 8, where it is stopped, 3/5 into epoch 2
+        ("4", [0.8, 1.0, 1.6]),
+    ],
+)
 def test_g_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
-    tmp_path, storage_url, tiny_bert_dir, fixture_glue
+    tmp_path, storage_url, tiny_bert_dir, fixture_glue, probe_every_steps, probed_at
 ) -> None:
     edits = {
         **epochs(3, 1, 3),
-        "probe_size: 64}": "probe_size: 64, sigma_tolerance: 0, accuracy_drop_tolerance: 0}",
+        "probe_size: 64}": "probe_size: 64, sigma_tolerance: 0, accuracy_drop_tolerance: 0, "
+        f"probe_every_steps: {probe_every_steps}}}",
         "n_trials: 2": "n_trials: 2\nthresholds: {sigma_max: 1.0e-9, accuracy_drop_max: 0}",
     }
     make_study(
@@ -232,11 +242,13 @@ def test_g_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
     pruned, finished = trials(storage_url, "pruned")
     assert pruned.state == TrialState.PRUNED and pruned.values is None
     assert pruned.user_attrs["pruned_by"] == "threshold"
-    assert [p["epoch"] for p in pruned.user_attrs[PROBES_ATTR]] == [1, 2]  # stopped after epoch 2
+    assert [p["epoch"] for p in pruned.user_attrs[PROBES_ATTR]] == pytest.approx(probed_at)
     assert is_feasible(pruned) is False  # judged by its last probe
     assert finished.state == TrialState.COMPLETE and is_feasible(finished) is False
     assert finished.system_attrs["constraints"][0] == pytest.approx(finished.values[0] - 1e-9)
-    assert len(finished.user_attrs[PROBES_ATTR]) == 1
+    # 1 epoch in batches of 16: 10 steps; with probes every 4 steps: 0.4, 0.8, then 1.0
+    finished_at = [1] if probe_every_steps == "null" else [0.4, 0.8, 1.0]
+    assert [p["epoch"] for p in finished.user_attrs[PROBES_ATTR]] == pytest.approx(finished_at)
     assert optuna.load_study(study_name="pruned", storage=storage_url).best_trials == []
 
 

@@ -162,14 +162,17 @@ def fit(
     device: torch.device,
     seed: int,
     pad_id: int,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_probe: Callable[[float], None] | None = None,
+    probe_every_steps: int | None = None,
     label: str = "train",
 ) -> list[float]:
     """Train ``model`` on ``data`` against ``targets`` (teacher logits (N, C) for
     distillation, labels (N,) for fine-tuning). Returns the mean loss of each epoch.
 
-    ``on_epoch_end(epoch)`` (1-based) runs after each epoch, e.g. a probe evaluation that
-    may raise to stop training; the model is back in train mode afterwards."""
+    ``on_probe(epochs_done)`` runs after each epoch (1.0, 2.0, ...) and, with
+    ``probe_every_steps`` N, also after every N-th optimizer step within an epoch
+    (epochs_done fractional, e.g. 1.25), e.g. a probe evaluation that may raise to stop
+    training; the model is back in train mode afterwards."""
     model.to(device).train()
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -191,6 +194,7 @@ def fit(
     progress = Progress(total_steps, label)
     try:
         epoch_losses = []
+        step = 0
         for epoch in range(settings.epochs):
             loss_sum = torch.zeros((), device=device)
             for index in length_grouped_batches(lengths, settings.batch_size, generator):
@@ -209,13 +213,23 @@ def fit(
                 progress.advance(
                     epoch + 1, settings.epochs, float(loss.detach()) if report else None
                 )
+                step += 1
+                in_epoch = step - epoch * steps_per_epoch
+                if (
+                    on_probe is not None
+                    and probe_every_steps
+                    and step % probe_every_steps == 0
+                    and in_epoch < steps_per_epoch  # the epoch-end probe comes below
+                ):
+                    on_probe(epoch + in_epoch / steps_per_epoch)
+                    model.train()
             mean_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
             logger.info("epoch %d/%d: loss %.6f", epoch + 1, settings.epochs, mean_loss)
             epoch_losses.append(mean_loss)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1)
+            if on_probe is not None:
+                on_probe(float(epoch + 1))
                 model.train()
         return epoch_losses
     finally:

@@ -52,8 +52,9 @@ def probe_indices(n_train: int, size: int, seed: int) -> list[int]:
 class DistillationTrial:
     """TinyBERT stage 2 for one hyperparameter setting.
 
-    ``on_probe`` receives a ``ProbePoint`` after every epoch (sigma on the probe subset of
-    train, accuracy_drop on dev); it records it and may raise ``optuna.TrialPruned``.
+    ``on_probe`` receives a ``ProbePoint`` after every epoch, and every
+    ``pruning.probe_every_steps`` steps when set (sigma on the probe subset of train,
+    accuracy_drop on dev); it records it and may raise ``optuna.TrialPruned``.
     """
 
     def __init__(
@@ -106,12 +107,14 @@ class DistillationTrial:
             self.device,
             seed=self.spec.seed,
             pad_id=self.assets.pad_id,
-            on_epoch_end=self.probe if self.on_probe is not None else None,
+            on_probe=self.probe if self.on_probe is not None else None,
+            probe_every_steps=self.spec.pruning.probe_every_steps,
             label="distillation",
         )
 
-    def probe(self, epoch: int) -> None:
-        """The cheap per-epoch evaluation the pruner decides from."""
+    def probe(self, epoch: float) -> None:
+        """The cheap evaluation the pruner decides from, after ``epoch`` epochs of
+        training (fractional for probes every N steps)."""
         assert self.student is not None and self.on_probe is not None
         batch, pad = self.spec.eval_batch_size, self.assets.pad_id
         probe_logits = predict_logits(self.student, self.probe_data, batch, self.device, pad)
@@ -131,7 +134,7 @@ class DistillationTrial:
             accuracy_drop=self.assets.teacher_dev_accuracy - student_dev,
         )
         logger.info(
-            "probe after epoch %d: sigma %.6f, accuracy_drop %.4f",
+            "probe after epoch %.4g: sigma %.6f, accuracy_drop %.4f",
             epoch,
             sigma,
             point.accuracy_drop,

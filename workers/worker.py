@@ -317,7 +317,7 @@ class Worker:
         if rule:
             self._db(lambda: trial.set_user_attr("pruned_by", rule), "recording the pruning")
             raise optuna.TrialPruned(
-                f"rule {rule!r} at epoch {point.epoch}/{point.epochs}: probe sigma "
+                f"rule {rule!r} at epoch {point.epoch:.4g}/{point.epochs}: probe sigma "
                 f"{point.sigma:.4f}, accuracy_drop {point.accuracy_drop:.4f}"
             )
 
