@@ -193,12 +193,9 @@ def _worker(args: argparse.Namespace) -> int:
     elif args.gpu != "none":
         raise KdsearchError(f"--gpu {args.gpu!r} is not allowed; use auto or none")
 
-    import transformers
-
     from workers.worker import WorkerOptions, run_worker
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    _quiet_transformers()
     options = WorkerOptions(
         storage_url=resolve_storage_url(args.storage),
         study_name=args.study,
@@ -214,6 +211,14 @@ def _worker(args: argparse.Namespace) -> int:
     finally:
         if claim is not None:
             claim.release()
+
+
+def _quiet_transformers() -> None:
+    """Our own logs report loading and progress; transformers' would repeat them."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -258,12 +263,9 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import json
 
-    import transformers
-
     from workers.export import export_student
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    _quiet_transformers()
     card = export_student(
         resolve_storage_url(args.storage),
         args.study,

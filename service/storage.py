@@ -231,8 +231,16 @@ def _named_lock(
                     logger.warning("could not release %s: %s", name, _first_line(exc))
         return
     database = engine.url.database or "kdsearch"
-    lock_path = Path(f"{database}.{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")
-    with open(lock_path, "a") as handle:
+    with file_lock(Path(f"{database}.{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created with its folder): serialises the
+    processes of one machine, and is released by the kernel if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -104,6 +104,16 @@ def training(url: str, name: str, number: int = 0) -> bool:
     )
 
 
+def worker_in_first_trial(
+    url: str, tmp_path: Path, tiny_bert_dir: Path, fixture_glue: Path, name: str, n_trials: str
+) -> subprocess.Popen:
+    """A worker on a new study of slow trials, returned once its first trial trains."""
+    make_study(url, tmp_path, tiny_bert_dir, fixture_glue, name, n_trials=n_trials, **SLOW)
+    worker = start_worker(url, name, tmp_path / "art")
+    wait_for(lambda: training(url, name), what="trial 0 to train")
+    return worker
+
+
 def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[str]:
     logs = [w.communicate(timeout=timeout)[0] for w in workers]
     assert [w.returncode for w in workers] == [0] * len(workers), "\n\n".join(logs)
@@ -131,9 +141,7 @@ def test_a_three_workers_run_exactly_the_budget(
 def test_b_kill_9_mid_trial_is_retried_with_the_same_hyperparameters(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue
 ) -> None:
-    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "killed", n_trials="2", **SLOW)
-    victim = start_worker(pg_url, "killed", tmp_path / "art")
-    wait_for(lambda: training(pg_url, "killed"), what="trial 0 to train")
+    victim = worker_in_first_trial(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "killed", "2")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert trials(pg_url, "killed")[0].state == TrialState.RUNNING  # nobody told the study
@@ -182,9 +190,7 @@ def test_c_postgres_restart_loses_nothing(tmp_path, tiny_bert_dir, fixture_glue)
 def test_d_e_sigterm_requeues_and_a_new_worker_resumes(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue
 ) -> None:
-    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "stopped", n_trials="3", **SLOW)
-    worker = start_worker(pg_url, "stopped", tmp_path / "art")
-    wait_for(lambda: training(pg_url, "stopped"), what="trial 0 to train")
+    worker = worker_in_first_trial(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "stopped", "3")
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0

@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna_dashboard import get_note
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -68,12 +68,19 @@ def finished(tmp_path_factory, postgres_server_url, tiny_bert_dir) -> dict:
 def test_every_trial_has_its_predictions_and_figures(finished: dict) -> None:
     study = optuna.load_study(study_name="results", storage=finished["url"])
     store = FileSystemArtifactStore(str(finished["artifacts"] / "optuna"))
+    teacher = {"teacher_train.csv", "teacher_dev.csv"}
+    teacher_ids = {m.filename: m.artifact_id for m in get_all_artifact_meta(study)}
+    assert set(teacher_ids) == teacher
     for trial in study.trials:
         ids = trial.user_attrs["artifacts"]
         assert set(ids) == {
             "student_train.csv", "student_dev.csv", "teacher_train.csv", "teacher_dev.csv",
             "confidence_delta_histogram.png", "confidence_scatter.png", "reliability_diagram.png",
         }  # fmt: skip
+        # The teacher's files are study artifacts, uploaded once; the rest are the trial's.
+        metas = get_all_artifact_meta(trial, storage=study._storage)
+        assert {m.filename for m in metas} == set(ids) - teacher
+        assert {k: ids[k] for k in teacher} == teacher_ids
         for name in ("confidence_delta_histogram.png", "reliability_diagram.png"):
             path = finished["tmp"] / f"{trial.number}-{name}"
             download_artifact(artifact_store=store, artifact_id=ids[name], file_path=str(path))

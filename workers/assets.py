@@ -10,15 +10,13 @@ so a change computes new assets instead of reusing stale ones.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.artifacts import ArtifactLocation, S3Bucket
 from service.spec import Stage1Spec, StudySpec
-from service.storage import assets_lock
+from service.storage import assets_lock, file_lock
 from workers.data import NUM_LABELS, data_fingerprint, load_split
 from workers.distill import Encoded, encode, fit, predict_logits
 from workers.intermediate import distill_intermediate
@@ -78,17 +76,6 @@ def assets_key(spec: StudySpec) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @dataclass(frozen=True)
 class AssetCache:
     """Where study assets are built once and kept.
@@ -108,7 +95,7 @@ class AssetCache:
         needs it while the others wait, then published atomically: no reader ever sees
         half a folder, and every trial on every machine sees the same bytes."""
         folder = self.local / name
-        with _file_lock(folder.with_suffix(".lock")):  # processes of this machine
+        with file_lock(folder.with_suffix(".lock")):  # processes of this machine
             if folder.is_dir():
                 logger.info("reusing %s from %s", what, folder)
                 return folder

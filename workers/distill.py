@@ -194,10 +194,10 @@ def fit(
     progress = Progress(total_steps, label)
     try:
         epoch_losses = []
-        step = 0
         for epoch in range(settings.epochs):
             loss_sum = torch.zeros((), device=device)
-            for index in length_grouped_batches(lengths, settings.batch_size, generator):
+            batches = length_grouped_batches(lengths, settings.batch_size, generator)
+            for in_epoch, index in enumerate(batches, start=1):
                 batch = to_device(collate(data, index, pad_id), device)
                 with autocast(device):
                     logits = model(**batch).logits  # (B, C)
@@ -213,8 +213,7 @@ def fit(
                 progress.advance(
                     epoch + 1, settings.epochs, float(loss.detach()) if report else None
                 )
-                step += 1
-                in_epoch = step - epoch * steps_per_epoch
+                step = epoch * steps_per_epoch + in_epoch
                 if (
                     on_probe is not None
                     and probe_every_steps

@@ -35,6 +35,22 @@ def both_correct(
     return (teacher_probs.argmax(1) == labels) & (student_probs.argmax(1) == labels)
 
 
+def kept_deltas(
+    teacher_probs: np.ndarray,
+    student_probs: np.ndarray,
+    labels: np.ndarray,
+    keep: np.ndarray | None = None,
+) -> np.ndarray:
+    """(K,) delta = p0_teacher - p0_student (float64) over the K inputs both models get
+    right (``keep``, when the caller has the mask already): the values sigma is the
+    population std of."""
+    teacher_probs = np.asarray(teacher_probs, dtype=np.float64)
+    student_probs = np.asarray(student_probs, dtype=np.float64)
+    if keep is None:
+        keep = both_correct(teacher_probs, student_probs, np.asarray(labels))
+    return teacher_probs[keep, 0] - student_probs[keep, 0]
+
+
 def confidence_stats(
     teacher_probs: np.ndarray, student_probs: np.ndarray, labels: np.ndarray
 ) -> ConfidenceStats:
@@ -45,7 +61,7 @@ def confidence_stats(
     if not keep.any():
         nan = float("nan")
         return ConfidenceStats(nan, nan, nan, nan, 0, len(labels))
-    delta = teacher_probs[keep, 0] - student_probs[keep, 0]  # (K,)
+    delta = kept_deltas(teacher_probs, student_probs, labels, keep)  # (K,)
     predicted = labels[keep]  # both models predict the label on kept rows
     delta_pred = (
         teacher_probs[keep, predicted] - student_probs[keep, predicted]
@@ -101,14 +117,11 @@ def calibration_bins(
     correct = probs.argmax(1) == np.asarray(labels)
     # Bin i holds confidences in (i/n, (i+1)/n]; confidence 0 cannot occur for argmax.
     bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    masks = (bins == b for b in range(n_bins))
     return [
-        (
-            float(confidence[b == bins].mean()),
-            float(correct[b == bins].mean()),
-            float((b == bins).mean()),
-        )
-        for b in range(n_bins)
-        if (b == bins).any()
+        (float(confidence[m].mean()), float(correct[m].mean()), float(m.mean()))
+        for m in masks
+        if m.any()
     ]
 
 

@@ -13,16 +13,20 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
 import numpy as np
 
-from workers.metrics import both_correct, calibration_bins
+from workers.metrics import both_correct, calibration_bins, kept_deltas
 
 
 def delta_histogram(
-    teacher: np.ndarray, student: np.ndarray, labels: np.ndarray, sigma_max: float, path: Path
+    teacher: np.ndarray,
+    student: np.ndarray,
+    labels: np.ndarray,
+    sigma: float,
+    sigma_max: float,
+    path: Path,
 ) -> None:
-    """delta = p0_T - p0_S over the inputs both models get right, sigma and kappa marked."""
-    keep = both_correct(teacher, student, labels)
-    delta = teacher[keep, 0] - student[keep, 0]
-    sigma = float(np.std(delta)) if delta.size else float("nan")
+    """delta = p0_T - p0_S over the inputs both models get right, with the trial's
+    ``sigma`` (computed from the same deltas) and kappa marked."""
+    delta = kept_deltas(teacher, student, labels)  # (K,)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(delta, bins=60, color="#4c72b0")
     mean = float(delta.mean()) if delta.size else 0.0
@@ -41,7 +45,7 @@ def delta_histogram(
         )
     ax.set_xlabel("delta = p0 teacher - p0 student (both correct)")
     ax.set_ylabel("inputs")
-    ax.set_title(f"sigma = {sigma:.4f} (kappa = {sigma_max}), n = {int(keep.sum())}")
+    ax.set_title(f"sigma = {sigma:.4f} (kappa = {sigma_max}), n = {delta.size}")
     ax.legend()
     _save(fig, path)
 

@@ -64,6 +64,8 @@ T = TypeVar("T")
 
 # A worker whose trials keep raising stops rather than burn the whole budget on FAILs.
 MAX_CONSECUTIVE_FAILURES = 3
+# Study user attr: {"location": artifact location, "ids": {file name: artifact id}}.
+TEACHER_ARTIFACTS_ATTR = "teacher_artifacts"
 
 
 class StopRequested(BaseException):
@@ -207,6 +209,28 @@ class Worker:
             self.assets: StudyAssets = prepare_assets(spec, cache, self.device)
             if spec.stage1 is not None and not spec.stage1_per_trial:
                 self.stage1_student = prepare_stage1_student(spec, self.assets, cache, self.device)
+        self.teacher_artifacts = self._db(
+            lambda: self._upload_teacher_predictions(str(location)),
+            "uploading the teacher's predictions",
+        )
+
+    def _upload_teacher_predictions(self, location: str) -> dict[str, str]:
+        """The teacher's prediction files, the same for every trial: uploaded once per
+        study (and artifact location) as study artifacts, by the first worker."""
+        with study_lock(self.storage, self.spec.name):
+            uploaded = self.study.user_attrs.get(TEACHER_ARTIFACTS_ATTR)
+            if uploaded and uploaded["location"] == location:
+                return uploaded["ids"]
+            ids = {
+                name: upload_artifact(
+                    artifact_store=self.artifact_store,
+                    file_path=str(self.assets.folder / name),
+                    study_or_trial=self.study,
+                )
+                for name in ("teacher_train.csv", "teacher_dev.csv")
+            }
+            self.study.set_user_attr(TEACHER_ARTIFACTS_ATTR, {"location": location, "ids": ids})
+            return ids
 
     def run(self) -> int:
         """Run trials until the budget is reached. Returns the process exit code."""
@@ -352,12 +376,14 @@ class Worker:
             )
 
     def _record(self, trial: optuna.Trial, result: TrialResult) -> None:
-        """User attrs, then the prediction files of both models as trial artifacts, so any
-        trial can be scored again (``pred,p0,p1,label``, rows in the split's order)."""
+        """User attrs, then the student's prediction files and the figures as trial
+        artifacts; the ``artifacts`` attr also names the teacher's files (study
+        artifacts), so any trial can be scored again (``pred,p0,p1,label``, rows in the
+        split's order)."""
         for key, value in result.attrs.items():
             self._db(lambda k=key, v=value: trial.set_user_attr(k, v), "recording results")
         assets = self.assets
-        artifact_ids = {}
+        artifact_ids = dict(self.teacher_artifacts)
         with tempfile.TemporaryDirectory() as tmp:
             files = {
                 "student_train.csv": (result.student_probs_train, assets.train.labels),
@@ -367,14 +393,12 @@ class Worker:
             for name, (probs, labels) in files.items():
                 paths[name] = Path(tmp) / name
                 write_predictions(paths[name], probs, labels.numpy())
-            for name in ("teacher_train.csv", "teacher_dev.csv"):
-                paths[name] = assets.folder / name
             # Figures on the train split, where sigma is defined.
             teacher = assets.teacher_probs_train
             student, labels = result.student_probs_train, assets.train.labels.numpy()
             figures = {
                 "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
-                    teacher, student, labels, self.spec.thresholds.sigma_max, p
+                    teacher, student, labels, result.sigma, self.spec.thresholds.sigma_max, p
                 ),
                 "confidence_scatter.png": lambda p: plots.confidence_scatter(
                     teacher, student, labels, p
