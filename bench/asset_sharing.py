@@ -16,12 +16,11 @@ import uuid
 from pathlib import Path
 
 import torch
+from kdsearch.service.artifacts import resolve_artifacts
+from kdsearch.service.spec import spec_from_dict
+from kdsearch.service.storage import open_storage
+from kdsearch.workers.assets import open_asset_cache, prepare_assets
 from service_overhead import spec_dict  # this folder is on sys.path when run as a script
-
-from service.artifacts import resolve_artifacts
-from service.spec import spec_from_dict
-from service.storage import open_storage
-from workers.assets import open_asset_cache, prepare_assets
 
 logger = logging.getLogger("bench.assets")
 

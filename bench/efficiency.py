@@ -17,11 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from kdsearch.workers.data import read_glue_tsv
+from kdsearch.workers.distill import SoftCrossEntropy, collate, encode, param_groups
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-from workers.data import read_glue_tsv
-from workers.distill import SoftCrossEntropy, collate, encode, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.efficiency")

@@ -16,13 +16,12 @@ import argparse
 import logging
 
 import optuna
+from kdsearch.service.pruning import ProbePoint, should_prune
+from kdsearch.service.report import pareto_front
+from kdsearch.service.spec import PruningSpec, StudySpec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import PROBES_ATTR, is_feasible, load_stored_spec
 from optuna.trial import FrozenTrial, TrialState
-
-from service.pruning import ProbePoint, should_prune
-from service.report import pareto_front
-from service.spec import PruningSpec, StudySpec
-from service.storage import open_storage
-from service.study import PROBES_ATTR, is_feasible, load_stored_spec
 
 RULES = {
     "threshold (default)": PruningSpec(rule="threshold"),

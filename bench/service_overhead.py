@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import optuna
-
-from service.artifacts import ArtifactLocation, resolve_artifacts
-from service.spec import spec_from_dict
-from service.storage import open_storage
-from service.study import (
+from kdsearch.service.artifacts import ArtifactLocation, resolve_artifacts
+from kdsearch.service.spec import spec_from_dict
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import (
     Claim,
     build_sampler,
     claim_trial,
@@ -37,7 +36,7 @@ from service.study import (
     load_stored_spec,
     worker_seed,
 )
-from workers.worker import Worker, WorkerOptions
+from kdsearch.workers.worker import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.service")

@@ -27,6 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kdsearch.service.spec import Hyperparameters
+from kdsearch.workers import distill
+from kdsearch.workers.data import read_glue_tsv
+from kdsearch.workers.distill import Encoded, SoftCrossEntropy, encode, fit, predict_logits
+from kdsearch.workers.metrics import accuracy, confidence_stats
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -34,12 +39,6 @@ from transformers import (
     BertForSequenceClassification,
     PreTrainedModel,
 )
-
-from service.spec import Hyperparameters
-from workers import distill
-from workers.data import read_glue_tsv
-from workers.distill import Encoded, SoftCrossEntropy, encode, fit, predict_logits
-from workers.metrics import accuracy, confidence_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.throughput")

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import optuna
 import transformers
-
-from service.artifacts import ArtifactLocation
-from service.spec import spec_from_dict
-from service.storage import open_storage, study_names
-from service.study import create_or_attach, is_feasible
-from workers.worker import Worker, WorkerOptions
+from kdsearch.service.artifacts import ArtifactLocation
+from kdsearch.service.spec import spec_from_dict
+from kdsearch.service.storage import open_storage, study_names
+from kdsearch.service.study import create_or_attach, is_feasible
+from kdsearch.workers.worker import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {

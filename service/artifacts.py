@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from service.errors import KdsearchError
+from kdsearch.service.errors import KdsearchError
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from service.spec import PruningSpec, Thresholds
+from kdsearch.service.spec import PruningSpec, Thresholds
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from kdsearch.service.spec import StudySpec
+from kdsearch.service.study import BASELINE_ATTR, is_feasible
 from optuna.trial import FrozenTrial, TrialState
-
-from service.spec import StudySpec
-from service.study import BASELINE_ATTR, is_feasible
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from kdsearch.service.errors import SpecError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,8 +26,6 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-
-from service.errors import SpecError
 
 TASKS = ("sst2", "qqp", "qnli", "mrpc", "rte", "cola")
 Task = Literal["sst2", "qqp", "qnli", "mrpc", "rte", "cola"]

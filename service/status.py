@@ -8,9 +8,8 @@ import math
 from typing import Any
 
 import optuna
+from kdsearch.service.study import BASELINE_ATTR, is_feasible
 from optuna.trial import FrozenTrial
-
-from service.study import BASELINE_ATTR, is_feasible
 
 
 def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, Any]]:

@@ -19,10 +19,9 @@ from typing import TypeVar
 
 import optuna
 import sqlalchemy
+from kdsearch.service.errors import KdsearchError
 from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
-
-from service.errors import KdsearchError
 
 logger = logging.getLogger(__name__)
 

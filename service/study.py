@@ -14,10 +14,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
-
-from service.errors import KdsearchError
-from service.spec import (
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import (
     INTEGER_HYPERPARAMETERS,
     STAGE1_PREFIX,
     CategoricalParam,
@@ -26,7 +24,8 @@ from service.spec import (
     Stage1Spec,
     StudySpec,
 )
-from service.storage import require_study, study_lock
+from kdsearch.service.storage import require_study, study_lock
+from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger(__name__)
 

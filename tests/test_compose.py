@@ -51,7 +51,7 @@ def run_kdsearch(
 ) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=full_env,
+        [sys.executable, "-m", "kdsearch", *args], capture_output=True, text=True, env=full_env,
         timeout=timeout, cwd=ROOT,
     )  # fmt: skip
 
@@ -98,7 +98,7 @@ def test_study_worker_and_dashboard_commands_run(env: dict[str, str], pg_url: st
     args[args.index("--host") + 1] = "127.0.0.1"
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args], env=full_env, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "kdsearch", *args], env=full_env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from service.errors import KdsearchError
-from service.spec import DataSpec
-from workers.data import load_split, read_glue_tsv
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import DataSpec
+from kdsearch.workers.data import load_split, read_glue_tsv
 
 
 def test_sst2_text_header(fixture_glue: Path) -> None:

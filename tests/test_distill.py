@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from workers.distill import (
+from kdsearch.workers.distill import (
     SoftCrossEntropy,
     length_grouped_batches,
     linear_warmup_decay,
@@ -79,11 +78,10 @@ def test_length_grouped_batches_cover_every_row_once() -> None:
 
 
 def test_a_nan_loss_stops_training(tiny_bert_dir) -> None:
+    from kdsearch.service.spec import Hyperparameters
+    from kdsearch.workers.data import Split
+    from kdsearch.workers.distill import encode, fit
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from service.spec import Hyperparameters
-    from workers.data import Split
-    from workers.distill import encode, fit
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -116,11 +114,10 @@ def test_a_nan_loss_stops_training(tiny_bert_dir) -> None:
     ],
 )
 def test_probes_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, expected) -> None:
+    from kdsearch.service.spec import Hyperparameters
+    from kdsearch.workers.data import Split
+    from kdsearch.workers.distill import encode, fit
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from service.spec import Hyperparameters
-    from workers.data import Split
-    from workers.distill import encode, fit
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from kdsearch.service.spec import load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import create_or_attach
+from kdsearch.workers.metrics import confidence_stats
+from kdsearch.workers.predictions import read_predictions
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import TrialState
 
-from service.spec import load_spec
-from service.storage import open_storage
-from service.study import create_or_attach
 from tests.conftest import ROOT, tiny_spec_text, write_spec
-from workers.metrics import confidence_stats
-from workers.predictions import read_predictions
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def start_worker(pg_url: str, study: str, artifacts: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDSEARCH_STORAGE": pg_url}
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--study", study,
+        [sys.executable, "-m", "kdsearch", "worker", "--study", study,
          "--artifacts", str(artifacts), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from service.errors import KdsearchError
-from workers.gpus import claim_gpu, visible_gpus
+from kdsearch.service.errors import KdsearchError
+from kdsearch.workers.gpus import claim_gpu, visible_gpus
 
 
 def test_visible_gpus_from_the_environment() -> None:
@@ -35,7 +34,7 @@ def test_several_workers_per_gpu_spread_first(tmp_path: Path) -> None:
 def test_claims_across_processes_and_death(tmp_path: Path) -> None:
     # Another process holds GPU 0 (as another container sharing the lock volume would).
     code = (
-        "import sys, time; from pathlib import Path; from workers.gpus import claim_gpu;"
+        "import sys, time; from pathlib import Path; from kdsearch.workers.gpus import claim_gpu;"
         f"c = claim_gpu(['0', '1'], Path({str(tmp_path)!r})); print(c.gpu, flush=True);"
         "time.sleep(60)"
     )

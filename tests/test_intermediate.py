@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdsearch.service.errors import SpecError
+from kdsearch.service.spec import Stage1Spec, load_spec
+from kdsearch.service.study import trial_hyperparameters, trial_stage1
+from kdsearch.workers.assets import AssetCache, prepare_assets, prepare_stage1_student
+from kdsearch.workers.intermediate import IntermediateLoss, LayerMap
+from kdsearch.workers.trial import DistillationTrial
 
-from service.errors import SpecError
-from service.spec import Stage1Spec, load_spec
-from service.study import trial_hyperparameters, trial_stage1
 from tests.conftest import tiny_spec_text, write_spec
-from workers.assets import AssetCache, prepare_assets, prepare_stage1_student
-from workers.intermediate import IntermediateLoss, LayerMap
-from workers.trial import DistillationTrial
 
 CPU = torch.device("cpu")
 SEARCH_STAGE1_LR = (

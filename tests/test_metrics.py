@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tests.conftest import FIXTURES
-from workers.metrics import (
+from kdsearch.workers.metrics import (
     confidence_stats,
     expected_calibration_error,
     f1_binary,
@@ -14,7 +12,9 @@ from workers.metrics import (
     sigma,
     task_metrics,
 )
-from workers.predictions import read_predictions, write_predictions
+from kdsearch.workers.predictions import read_predictions, write_predictions
+
+from tests.conftest import FIXTURES
 
 REFERENCE = FIXTURES / "reference_predictions"
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from service.pruning import ProbePoint, pareto_prune, should_prune, threshold_prune
-from service.spec import PruningSpec, Thresholds
+from kdsearch.service.pruning import ProbePoint, pareto_prune, should_prune, threshold_prune
+from kdsearch.service.spec import PruningSpec, Thresholds
 
 THRESHOLDS = Thresholds(sigma_max=0.05, accuracy_drop_max=0.01)
 RULE = PruningSpec(

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import FrozenTrial, TrialState
-
-from service.artifacts import ArtifactLocation
-from service.spec import StudySpec, load_spec
-from service.storage import open_storage
-from service.study import (
+from kdsearch.service.artifacts import ArtifactLocation
+from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import (
     ATTEMPT_ATTR,
     PROBES_ATTR,
     RETRY_OF_ATTR,
@@ -31,8 +29,10 @@ from service.study import (
     create_or_attach,
     is_feasible,
 )
+from kdsearch.workers.worker import Worker, WorkerOptions
+from optuna.trial import FrozenTrial, TrialState
+
 from tests.conftest import ROOT, PrivatePostgres, tiny_spec_text, write_spec
-from workers.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ SLOW = epochs(30, 1, 30)
 def start_worker(url: str, study: str, artifacts: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--study", study, "--storage", url,
+        [sys.executable, "-m", "kdsearch", "worker", "--study", study, "--storage", url,
          "--artifacts", str(artifacts), "--threads", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip

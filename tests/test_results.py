@@ -20,20 +20,20 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from kdsearch.service.artifacts import ArtifactLocation
+from kdsearch.service.report import summarize
+from kdsearch.service.spec import load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import create_or_attach, load_stored_spec
+from kdsearch.workers.predictions import read_predictions
+from kdsearch.workers.progress import Progress
+from kdsearch.workers.worker import Worker, WorkerOptions
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna_dashboard import get_note
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from service.artifacts import ArtifactLocation
-from service.report import summarize
-from service.spec import load_spec
-from service.storage import open_storage
-from service.study import create_or_attach, load_stored_spec
 from tests.conftest import ROOT, tiny_spec_text, write_spec
 from tests.test_cli import assert_clean_failure, kdsearch
-from workers.predictions import read_predictions
-from workers.progress import Progress
-from workers.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -170,7 +170,7 @@ def test_export_best_student_loads_and_reproduces(finished: dict) -> None:
 
 
 def test_progress_logs_about_ten_plain_lines(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="workers.progress")
+    caplog.set_level(logging.INFO, logger="kdsearch.workers.progress")
     progress = Progress(100, "distillation", stream=io.StringIO())  # not a terminal
     for step in range(100):
         due = progress.due()
@@ -208,7 +208,7 @@ def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dashboard", "--port", str(port),
+        [sys.executable, "-m", "kdsearch", "dashboard", "--port", str(port),
          "--storage", finished["url"], "--artifacts", str(finished["artifacts"])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -22,10 +22,7 @@ from pathlib import Path
 import boto3
 import optuna
 import pytest
-from optuna.artifacts import download_artifact, upload_artifact
-from optuna.trial import TrialState
-
-from service.artifacts import (
+from kdsearch.service.artifacts import (
     MANIFEST,
     ArtifactLocation,
     S3Bucket,
@@ -33,14 +30,17 @@ from service.artifacts import (
     resolve_artifacts,
     resolve_cache_dir,
 )
-from service.errors import KdsearchError
-from service.spec import load_spec
-from service.storage import open_storage
-from service.study import create_or_attach
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import create_or_attach
+from kdsearch.workers.assets import AssetCache, open_asset_cache
+from kdsearch.workers.metrics import confidence_stats
+from kdsearch.workers.predictions import read_predictions
+from optuna.artifacts import download_artifact, upload_artifact
+from optuna.trial import TrialState
+
 from tests.conftest import ROOT, tiny_spec_text, write_spec
-from workers.assets import AssetCache, open_asset_cache
-from workers.metrics import confidence_stats
-from workers.predictions import read_predictions
 
 
 def test_locations_resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_a_corrupted_object_is_refused(s3_env: dict[str, str], tmp_path: Path) -
 
 def _kdsearch(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "kdsearch", *args],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
     )  # fmt: skip
@@ -215,7 +215,7 @@ def test_a_bad_store_is_one_clear_message(
     assert [t.state for t in study.trials] == [TrialState.WAITING]  # the enqueued baseline
     # boto3 missing: the fix is named.
     code = (
-        "import sys; sys.modules['boto3'] = None; from service.cli import main; "
+        "import sys; sys.modules['boto3'] = None; from kdsearch.cli import main; "
         f"sys.exit(main(['dashboard', '--storage', {pg_url!r}, '--artifacts', 's3://b']))"
     )
     result = subprocess.run(
@@ -235,7 +235,7 @@ def test_workers_without_a_shared_filesystem_run_one_study(
     bucket = s3_env["KDSEARCH_TEST_BUCKET"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDSEARCH_STORAGE": pg_url}
     env["KDSEARCH_ARTIFACTS"] = f"s3://{bucket}/team"
-    command = [sys.executable, "-m", "service.cli", "worker", "--study", "s3", "--threads", "1"]
+    command = [sys.executable, "-m", "kdsearch", "worker", "--study", "s3", "--threads", "1"]
     workers = [
         subprocess.Popen(
             [*command, "--cache-dir", str(tmp_path / f"machine{i}")],
@@ -280,7 +280,7 @@ def test_workers_without_a_shared_filesystem_run_one_study(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dashboard = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dashboard", "--port", str(port)],
+        [sys.executable, "-m", "kdsearch", "dashboard", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     trial = study.trials[0]

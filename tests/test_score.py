@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from kdsearch.workers.score import score_files
 
 from tests.test_cli import assert_clean_failure, kdsearch
 from tests.test_metrics import GOLDEN, REFERENCE
-from workers.score import score_files
 
 
 @pytest.mark.parametrize(("task", "split", "expected", "kept", "total"), GOLDEN)

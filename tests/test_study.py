@@ -7,12 +7,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
-from service.errors import KdsearchError
-from service.spec import StudySpec, load_spec
-from service.storage import open_storage
-from service.study import (
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import (
     BASELINE_ATTR,
     METRIC_NAMES,
     SPEC_ATTR,
@@ -25,6 +23,8 @@ from service.study import (
     trial_hyperparameters,
     worker_seed,
 )
+from optuna.trial import TrialState
+
 from tests.conftest import tiny_spec_text, write_spec
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.service.study import trial_hyperparameters
+from kdsearch.workers.assets import AssetCache, StudyAssets, prepare_assets
+from kdsearch.workers.distill import predict_logits
+from kdsearch.workers.models import load_teacher
+from kdsearch.workers.trial import DistillationTrial
 
-from service.spec import StudySpec, load_spec
-from service.study import trial_hyperparameters
 from tests.conftest import tiny_spec_text, write_spec
-from workers.assets import AssetCache, StudyAssets, prepare_assets
-from workers.distill import predict_logits
-from workers.models import load_teacher
-from workers.trial import DistillationTrial
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def assets(spec: StudySpec, tmp_path_factory: pytest.TempPathFactory) -> StudyAs
 def test_assets_are_computed_once_and_reused(
     spec: StudySpec, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="workers.assets")
+    caplog.set_level(logging.INFO, logger="kdsearch.workers.assets")
     first = prepare_assets(spec, AssetCache(tmp_path), CPU)
     second = prepare_assets(spec, AssetCache(tmp_path), CPU)
     messages = [r.getMessage() for r in caplog.records]

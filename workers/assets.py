@@ -24,17 +24,16 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+from kdsearch.service.artifacts import ArtifactLocation, S3Bucket
+from kdsearch.service.spec import Stage1Spec, StudySpec
+from kdsearch.service.storage import assets_lock, file_lock
+from kdsearch.workers.data import NUM_LABELS, data_fingerprint, load_split
+from kdsearch.workers.distill import Encoded, encode, fit, predict_logits
+from kdsearch.workers.intermediate import distill_intermediate
+from kdsearch.workers.metrics import task_metrics
+from kdsearch.workers.models import load_student, load_teacher, load_tokenizer
+from kdsearch.workers.predictions import write_predictions
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from service.artifacts import ArtifactLocation, S3Bucket
-from service.spec import Stage1Spec, StudySpec
-from service.storage import assets_lock, file_lock
-from workers.data import NUM_LABELS, data_fingerprint, load_split
-from workers.distill import Encoded, encode, fit, predict_logits
-from workers.intermediate import distill_intermediate
-from workers.metrics import task_metrics
-from workers.models import load_student, load_teacher, load_tokenizer
-from workers.predictions import write_predictions
 
 logger = logging.getLogger(__name__)
 

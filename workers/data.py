@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import KdsearchError
-from service.spec import DataSpec
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import DataSpec
 
 logger = logging.getLogger(__name__)
 

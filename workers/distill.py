@@ -14,12 +14,11 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from kdsearch.workers.data import Split
+from kdsearch.workers.device import autocast, to_device
+from kdsearch.workers.progress import Progress
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from workers.data import Split
-from workers.device import autocast, to_device
-from workers.progress import Progress
 
 logger = logging.getLogger(__name__)
 

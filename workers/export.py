@@ -19,17 +19,21 @@ from typing import Any
 
 import optuna
 import torch
+from kdsearch.service.artifacts import ArtifactLocation, resolve_cache_dir
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.report import best_feasible
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import load_stored_spec, trial_hyperparameters, trial_stage1
+from kdsearch.workers.assets import (
+    open_asset_cache,
+    prepare_assets,
+    prepare_stage1_student,
+    teacher_ref,
+)
+from kdsearch.workers.models import load_tokenizer
+from kdsearch.workers.trial import DistillationTrial
+from kdsearch.workers.worker import pick_device
 from optuna.trial import TrialState
-
-from service.artifacts import ArtifactLocation, resolve_cache_dir
-from service.errors import KdsearchError
-from service.report import best_feasible
-from service.storage import open_storage
-from service.study import load_stored_spec, trial_hyperparameters, trial_stage1
-from workers.assets import open_asset_cache, prepare_assets, prepare_stage1_student, teacher_ref
-from workers.models import load_tokenizer
-from workers.trial import DistillationTrial
-from workers.worker import pick_device
 
 logger = logging.getLogger(__name__)
 

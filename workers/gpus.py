@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from service.errors import KdsearchError
+from kdsearch.service.errors import KdsearchError
 
 logger = logging.getLogger(__name__)
 

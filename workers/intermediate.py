@@ -21,12 +21,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+from kdsearch.service.spec import Stage1Spec
+from kdsearch.workers.device import to_device
+from kdsearch.workers.distill import Encoded, collate, length_grouped_batches, param_groups
 from torch import nn
 from transformers import PreTrainedModel
-
-from service.spec import Stage1Spec
-from workers.device import to_device
-from workers.distill import Encoded, collate, length_grouped_batches, param_groups
 
 logger = logging.getLogger(__name__)
 

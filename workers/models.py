@@ -7,15 +7,14 @@ import logging
 from pathlib import Path
 
 import torch
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import PACKAGE_PREFIX, StudentSpec
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-from service.errors import KdsearchError
-from service.spec import PACKAGE_PREFIX, StudentSpec
 
 logger = logging.getLogger(__name__)
 

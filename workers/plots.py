@@ -12,8 +12,7 @@ matplotlib.use("Agg")  # no display: files only
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-from workers.metrics import both_correct, calibration_bins, kept_deltas
+from kdsearch.workers.metrics import both_correct, calibration_bins, kept_deltas
 
 
 def delta_histogram(

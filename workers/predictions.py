@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from service.errors import KdsearchError
+from kdsearch.service.errors import KdsearchError
 
 
 @dataclass(frozen=True)

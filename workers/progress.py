@@ -9,7 +9,7 @@ import sys
 import time
 from typing import IO
 
-logger = logging.getLogger("workers.progress")
+logger = logging.getLogger(__name__)
 
 
 class Progress:

@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.errors import KdsearchError
-from workers.metrics import (
+from kdsearch.service.errors import KdsearchError
+from kdsearch.workers.metrics import (
     agreement_rate,
     confidence_stats,
     expected_calibration_error,
     mean_kl,
     task_metrics,
 )
-from workers.predictions import Predictions, read_predictions
+from kdsearch.workers.predictions import Predictions, read_predictions
 
 # Probabilities written as float32 softmax outputs sum to 1 within ~1e-7.
 SUM_TOLERANCE = 1e-4

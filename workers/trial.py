@@ -13,21 +13,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
-
-from service.pruning import ProbePoint
-from service.spec import Hyperparameters, Stage1Spec, StudySpec
-from workers.assets import StudyAssets, run_stage1
-from workers.data import NUM_LABELS
-from workers.device import peak_memory
-from workers.distill import SoftCrossEntropy, fit, predict_logits
-from workers.metrics import (
+from kdsearch.service.pruning import ProbePoint
+from kdsearch.service.spec import Hyperparameters, Stage1Spec, StudySpec
+from kdsearch.workers.assets import StudyAssets, run_stage1
+from kdsearch.workers.data import NUM_LABELS
+from kdsearch.workers.device import peak_memory
+from kdsearch.workers.distill import SoftCrossEntropy, fit, predict_logits
+from kdsearch.workers.metrics import (
     accuracy,
     confidence_stats,
     expected_calibration_error,
     task_metrics,
 )
-from workers.models import load_student, load_teacher
+from kdsearch.workers.models import load_student, load_teacher
+from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 

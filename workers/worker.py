@@ -31,16 +31,18 @@ from typing import TypeVar
 
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
-from optuna.trial import TrialState
-
-from service.artifacts import ArtifactLocation, S3Bucket, open_artifact_store, resolve_cache_dir
-from service.errors import KdsearchError
-from service.pruning import ProbePoint, should_prune
-from service.report import update_study_note
-from service.spec import StudySpec
-from service.storage import open_storage, study_lock, with_reconnect
-from service.study import (
+from kdsearch.service.artifacts import (
+    ArtifactLocation,
+    S3Bucket,
+    open_artifact_store,
+    resolve_cache_dir,
+)
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.pruning import ProbePoint, should_prune
+from kdsearch.service.report import update_study_note
+from kdsearch.service.spec import StudySpec
+from kdsearch.service.storage import open_storage, study_lock, with_reconnect
+from kdsearch.service.study import (
     PROBES_ATTR,
     Claim,
     RequeueStale,
@@ -53,11 +55,18 @@ from service.study import (
     trial_stage1,
     worker_seed,
 )
-from workers import plots
-from workers.assets import StudyAssets, open_asset_cache, prepare_assets, prepare_stage1_student
-from workers.device import configure as configure_device
-from workers.predictions import write_predictions
-from workers.trial import DistillationTrial, TrialResult
+from kdsearch.workers import plots
+from kdsearch.workers.assets import (
+    StudyAssets,
+    open_asset_cache,
+    prepare_assets,
+    prepare_stage1_student,
+)
+from kdsearch.workers.device import configure as configure_device
+from kdsearch.workers.predictions import write_predictions
+from kdsearch.workers.trial import DistillationTrial, TrialResult
+from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

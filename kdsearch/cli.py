@@ -15,15 +15,15 @@ from pathlib import Path
 
 import optuna
 
-from service.artifacts import (
+from kdsearch.service.artifacts import (
     ARTIFACTS_ENV,
     CACHE_ENV,
     open_artifact_store,
     resolve_artifacts,
 )
-from service.errors import KdsearchError
-from service.spec import TASKS
-from service.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.spec import TASKS
+from kdsearch.service.storage import STORAGE_ENV, open_storage, redact, resolve_storage_url
 
 logger = logging.getLogger("kdsearch")
 
@@ -160,8 +160,8 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _study_create(args: argparse.Namespace) -> int:
-    from service.spec import load_spec
-    from service.study import create_or_attach
+    from kdsearch.service.spec import load_spec
+    from kdsearch.service.study import create_or_attach
 
     # Validate the whole spec before touching the storage: bad input writes nothing.
     spec = load_spec(args.spec)
@@ -173,7 +173,7 @@ def _study_create(args: argparse.Namespace) -> int:
 
 
 def _study_list(args: argparse.Namespace) -> int:
-    from service.storage import study_names
+    from kdsearch.service.storage import study_names
 
     for name in study_names(open_storage(resolve_storage_url(args.storage))):
         sys.stdout.write(name + "\n")
@@ -181,7 +181,7 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from workers.gpus import claim_gpu, pin_process_to, visible_gpus
+    from kdsearch.workers.gpus import claim_gpu, pin_process_to, visible_gpus
 
     claim = None
     device = args.device
@@ -193,7 +193,7 @@ def _worker(args: argparse.Namespace) -> int:
     elif args.gpu != "none":
         raise KdsearchError(f"--gpu {args.gpu!r} is not allowed; use auto or none")
 
-    from workers.worker import WorkerOptions, run_worker
+    from kdsearch.workers.worker import WorkerOptions, run_worker
 
     _quiet_transformers()
     options = WorkerOptions(
@@ -240,8 +240,14 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from service.report import format_csv, format_json, format_markdown, pareto_png, summarize
-    from service.study import load_stored_spec
+    from kdsearch.service.report import (
+        format_csv,
+        format_json,
+        format_markdown,
+        pareto_png,
+        summarize,
+    )
+    from kdsearch.service.study import load_stored_spec
 
     storage = open_storage(resolve_storage_url(args.storage))
     specs = [load_stored_spec(storage, name) for name in args.study]  # all known, or exit 2
@@ -263,7 +269,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import json
 
-    from workers.export import export_student
+    from kdsearch.workers.export import export_student
 
     _quiet_transformers()
     card = export_student(
@@ -280,8 +286,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from service.status import format_json, format_table, trial_rows
-    from service.study import load_stored_spec
+    from kdsearch.service.status import format_json, format_table, trial_rows
+    from kdsearch.service.study import load_stored_spec
 
     storage = open_storage(resolve_storage_url(args.storage))
     spec = load_stored_spec(storage, args.study)
@@ -295,7 +301,7 @@ def _status(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     import json
 
-    from workers.score import score_files
+    from kdsearch.workers.score import score_files
 
     figures = score_files(Path(args.teacher), Path(args.student), args.task)
     if args.format == "json":
