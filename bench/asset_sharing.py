@@ -16,11 +16,12 @@ import uuid
 from pathlib import Path
 
 import torch
+from service_overhead import spec_dict  # this folder is on sys.path when run as a script
+
 from kdsearch.service.artifacts import resolve_artifacts
 from kdsearch.service.spec import spec_from_dict
 from kdsearch.service.storage import open_storage
 from kdsearch.workers.assets import open_asset_cache, prepare_assets
-from service_overhead import spec_dict  # this folder is on sys.path when run as a script
 
 logger = logging.getLogger("bench.assets")
 

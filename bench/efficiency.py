@@ -17,10 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from kdsearch.workers.data import read_glue_tsv
-from kdsearch.workers.distill import SoftCrossEntropy, collate, encode, param_groups
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from kdsearch.workers.batching import collate, encode
+from kdsearch.workers.data import read_glue_tsv
+from kdsearch.workers.distill import SoftCrossEntropy
+from kdsearch.workers.training import param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.efficiency")
@@ -67,7 +70,7 @@ def main() -> None:
     config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=2, num_attention_heads=12,
                         **STUDENTS[args.student])  # fmt: skip
     model = BertForSequenceClassification(config).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(param_groups([model], 1e-4), lr=1e-4, fused=True)
     loss_fn = SoftCrossEntropy()
     targets = torch.randn(len(index), 2)
 
@@ -86,7 +89,7 @@ def main() -> None:
     # The optimizer step alone, fused against torch's default implementation.
     steps = {}
     for fused in (True, False):
-        opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-4, fused=fused or None)
+        opt = torch.optim.AdamW(param_groups([model], 1e-4), lr=1e-4, fused=fused or None)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         steps[fused] = best_seconds(opt.step, repeats=args.steps // 5 or 1)

@@ -16,12 +16,14 @@ import argparse
 import logging
 
 import optuna
+from optuna.trial import TrialState
+
 from kdsearch.service.pruning import ProbePoint, should_prune
+from kdsearch.service.record import TrialRecord
 from kdsearch.service.report import pareto_front
 from kdsearch.service.spec import PruningSpec, StudySpec
 from kdsearch.service.storage import open_storage
-from kdsearch.service.study import PROBES_ATTR, is_feasible, load_stored_spec
-from optuna.trial import FrozenTrial, TrialState
+from kdsearch.service.study import load_stored_spec
 
 RULES = {
     "threshold (default)": PruningSpec(rule="threshold"),
@@ -34,19 +36,16 @@ RULES = {
 }
 
 
-def history(trial: FrozenTrial) -> list[ProbePoint]:
-    return [ProbePoint.from_dict(p) for p in trial.user_attrs.get(PROBES_ATTR, [])]
-
-
-def replay(spec: StudySpec, trials: list[FrozenTrial], rule: PruningSpec) -> dict[str, float]:
+def replay(spec: StudySpec, trials: list[TrialRecord], rule: PruningSpec) -> dict[str, float]:
     front = pareto_front(trials)
     finished: list[list[ProbePoint]] = []
     out = {"pruned": 0, "epochs": 0, "epochs_saved": 0, "time": 0.0, "time_saved": 0.0,
            "feasible_pruned": 0, "front_pruned": 0}  # fmt: skip
     for trial in trials:
-        points = history(trial)
-        epochs = trial.user_attrs["hyperparameters"]["epochs"]
-        wall = trial.user_attrs["wall_time_s"]
+        assert trial.hyperparameters is not None and trial.outcome is not None
+        points = trial.probes
+        epochs = trial.hyperparameters["epochs"]
+        wall = trial.outcome.wall_time_s
         out["epochs"] += epochs
         out["time"] += wall
         for i in range(len(points)):
@@ -56,7 +55,7 @@ def replay(spec: StudySpec, trials: list[FrozenTrial], rule: PruningSpec) -> dic
                 out["epochs_saved"] += saved
                 # epochs cost about the same; the final full-train evaluation is saved too
                 out["time_saved"] += wall * saved / epochs
-                out["feasible_pruned"] += bool(is_feasible(trial))
+                out["feasible_pruned"] += bool(trial.feasible)
                 out["front_pruned"] += trial.number in front
                 break
         finished.append(points)  # the rule only sees trials that ran before
@@ -76,13 +75,10 @@ def main() -> None:
     for name in args.study:
         spec = load_stored_spec(storage, name)
         study = optuna.load_study(study_name=name, storage=storage)
-        trials = [
-            t
-            for t in study.trials
-            if t.state == TrialState.COMPLETE and t.user_attrs.get(PROBES_ATTR)
-        ]
+        records = [TrialRecord.of(t) for t in study.trials]
+        trials = [t for t in records if t.state == TrialState.COMPLETE and t.probes]
         n_trials += len(trials)
-        n_feasible += sum(bool(is_feasible(t)) for t in trials)
+        n_feasible += sum(bool(t.feasible) for t in trials)
         for rule_name, rule in RULES.items():
             result = replay(spec, trials, rule)
             acc = totals[rule_name]

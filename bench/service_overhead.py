@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import optuna
-from kdsearch.service.artifacts import ArtifactLocation, resolve_artifacts
+
 from kdsearch.service.spec import spec_from_dict
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import (
@@ -85,7 +85,7 @@ def storage_share(url: str, rows: int, s3: str | None = None) -> tuple[float, st
     storage = open_storage(url)
     create_or_attach(storage, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        location = resolve_artifacts(f"{s3}/{name}") if s3 else ArtifactLocation(Path(tmp))
+        location = f"{s3}/{name}" if s3 else tmp
         options = WorkerOptions(url, name, location, cache_dir=Path(tmp) / "cache")
         worker = TimedWorker(options)
         worker.setup()  # assets (teacher logits) are once per study: not part of a trial

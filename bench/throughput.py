@@ -27,11 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kdsearch.service.spec import Hyperparameters
-from kdsearch.workers import distill
-from kdsearch.workers.data import read_glue_tsv
-from kdsearch.workers.distill import Encoded, SoftCrossEntropy, encode, fit, predict_logits
-from kdsearch.workers.metrics import accuracy, confidence_stats
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -39,6 +34,15 @@ from transformers import (
     BertForSequenceClassification,
     PreTrainedModel,
 )
+
+from kdsearch.service.spec import Hyperparameters
+from kdsearch.workers import training
+from kdsearch.workers.batching import Encoded, encode
+from kdsearch.workers.data import read_glue_tsv
+from kdsearch.workers.distill import LogitDistillation, SoftCrossEntropy
+from kdsearch.workers.inference import predict_logits, probabilities
+from kdsearch.workers.metrics import accuracy, confidence_stats
+from kdsearch.workers.training import LoopSettings, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.throughput")
@@ -92,11 +96,11 @@ def reference_trial(
     loss_fn = SoftCrossEntropy(hp.temperature)
     steps = math.ceil(len(train) / hp.batch_size) * hp.epochs
     optimizer = torch.optim.AdamW(
-        distill.param_groups(student, hp.weight_decay), lr=hp.learning_rate, eps=1e-6,
+        training.param_groups([student], hp.weight_decay), lr=hp.learning_rate, eps=1e-6,
         foreach=False,
     )  # fmt: skip
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, distill.linear_warmup_decay(steps, hp.warmup_proportion)
+        optimizer, training.linear_warmup_decay(steps, hp.warmup_proportion)
     )
     generator = torch.Generator().manual_seed(seed)
     student.train()
@@ -130,22 +134,23 @@ def ours_trial(
     student: PreTrainedModel, train: Encoded, dev: Encoded, teacher_logits: torch.Tensor,
     hp: Hyperparameters, seed: int, grouped: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    original = distill.length_grouped_batches
+    original = training.length_grouped_batches
     if not grouped:
         # The reference's batch order: a plain shuffle per epoch (same generator calls).
         def plain(lengths: list[int], batch_size: int, generator: torch.Generator, group: int = 50):
             order = torch.randperm(len(lengths), generator=generator).tolist()
             return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
-        distill.length_grouped_batches = plain  # type: ignore[assignment]
+        training.length_grouped_batches = plain  # type: ignore[assignment]
     try:
-        fit(student, train, teacher_logits, SoftCrossEntropy(hp.temperature), hp,
+        settings = LoopSettings(hp.learning_rate, hp.batch_size, hp.epochs, hp.weight_decay,
+                                hp.warmup_proportion)  # fmt: skip
+        fit(student, train, LogitDistillation(teacher_logits, hp.temperature), settings,
             torch.device("cpu"), seed=seed, pad_id=0)  # fmt: skip
     finally:
-        distill.length_grouped_batches = original
+        training.length_grouped_batches = original
     probs = [
-        torch.softmax(predict_logits(student, d, 256, torch.device("cpu"), 0), -1).numpy()
-        for d in (train, dev)
+        probabilities(predict_logits(student, d, 256, torch.device("cpu"), 0)) for d in (train, dev)
     ]
     return probs[0], probs[1]
 
@@ -196,7 +201,7 @@ def main() -> None:
     t_ours = time.perf_counter() - t0
     same_train, same_dev = ours_trial(fresh(), train, dev, logits_train, hp, seed, grouped=False)
 
-    teacher_train = torch.softmax(logits_train, -1).numpy()
+    teacher_train = probabilities(logits_train)
     labels_train, labels_dev = train.labels.numpy(), dev.labels.numpy()
 
     def figures(p_train: np.ndarray, p_dev: np.ndarray) -> tuple[float, float]:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import optuna
 import transformers
-from kdsearch.service.artifacts import ArtifactLocation
+
+from kdsearch.service.record import TrialRecord
 from kdsearch.service.spec import spec_from_dict
 from kdsearch.service.storage import open_storage, study_names
-from kdsearch.service.study import create_or_attach, is_feasible
+from kdsearch.service.study import create_or_attach
 from kdsearch.workers.worker import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def study_spec(task: str, layers: int, n_trials: int) -> dict:
 def summarise(study: optuna.Study, task: str, layers: int) -> dict:
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     base = next(t for t in done if t.number == 0)
-    feasible = [t for t in done if is_feasible(t)]
+    feasible = [t for t in done if TrialRecord.of(t).feasible]
     # The paper's own acceptance rule (paper.md sec. 5.4): accuracy within 1 point of
     # the default student, rather than of the teacher.
     near_base = [t for t in done if t.values[1] <= base.values[1] + 0.01]
@@ -72,7 +73,7 @@ def summarise(study: optuna.Study, task: str, layers: int) -> dict:
     return {
         "task": task,
         "student": f"{layers}L",
-        "teacher_dev_acc": base.user_attrs["teacher_dev_accuracy"],
+        "teacher_dev_acc": TrialRecord.of(base).outcome.teacher_dev_accuracy,
         "baseline_sigma": base.values[0],
         "baseline_drop": base.values[1],
         "best_sigma": best_near.values[0],
@@ -109,9 +110,7 @@ def main() -> None:
             spec = spec_from_dict(study_spec(task, layers, args.trials), source="experiment")
             if not args.summarize_only:
                 create_or_attach(storage, spec)
-                worker = Worker(
-                    WorkerOptions(url, spec.name, ArtifactLocation(args.workdir / "artifacts"))
-                )
+                worker = Worker(WorkerOptions(url, spec.name, str(args.workdir / "artifacts")))
                 worker.run()
                 if worker.stop.requested:  # SIGTERM / Ctrl-C: stop the whole experiment
                     return

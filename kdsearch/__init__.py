@@ -1,3 +1,25 @@
-"""kdsearch: hyperparameter search for confidence-preserving knowledge distillation."""
+"""kdsearch: hyperparameter search for confidence-preserving knowledge distillation.
+
+The Python API (``kdsearch.api``): ``create_study``, ``load_study`` and the ``Study``
+handle; the command line is ``kdsearch`` (``kdsearch.cli``). Importing kdsearch does not
+import torch; running a worker does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["Study", "__version__", "create_study", "load_study"]
+
+if TYPE_CHECKING:
+    from kdsearch.api import Study, create_study, load_study
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import kdsearch` stays cheap for the CLI, which reads only __version__.
+    if name in ("Study", "create_study", "load_study"):
+        from kdsearch import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kdsearch' has no attribute {name!r}")

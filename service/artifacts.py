@@ -25,13 +25,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from kdsearch.service.errors import KdsearchError
+from kdsearch.service.errors import InfrastructureError, KdsearchError, first_line
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -64,11 +65,19 @@ class ArtifactLocation:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/") if self.is_s3 else str(self.folder)
 
 
-def resolve_artifacts(cli_value: str | None) -> ArtifactLocation:
-    """``--artifacts`` wins, then ``$KDSEARCH_ARTIFACTS``, then ``./kdsearch-artifacts``."""
-    value = cli_value or os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS
+def explicit_artifacts(cli_value: str | None) -> str | None:
+    """The location the user named: ``--artifacts``, else ``$KDSEARCH_ARTIFACTS``."""
+    return cli_value or os.environ.get(ARTIFACTS_ENV) or None
+
+
+def resolve_artifacts(value: str | None) -> ArtifactLocation:
+    """A location from its text (a folder, made absolute, or ``s3://BUCKET[/PREFIX]``);
+    None gives the default ``./kdsearch-artifacts``."""
+    value = value or DEFAULT_ARTIFACTS
     if "://" not in value:
-        return ArtifactLocation(folder=Path(value).resolve())
+        if "\0" in value:
+            raise KdsearchError(f"artifact location {value!r} is not a path; give a folder")
+        return ArtifactLocation(folder=Path(value).expanduser().resolve())
     scheme, rest = value.split("://", 1)
     bucket, _, prefix = rest.partition("/")
     if scheme != "s3" or not bucket:
@@ -101,9 +110,64 @@ def open_artifact_store(
         from optuna.artifacts import FileSystemArtifactStore
 
         folder = location.folder / "optuna"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InfrastructureError(
+                f"cannot use the artifact folder {str(location)!r}: {first_line(exc)}; give a "
+                f"writable folder (--artifacts or ${ARTIFACTS_ENV})"
+            ) from None
         return FileSystemArtifactStore(str(folder))
     return _PrefixedBoto3Store(shared or S3Bucket(location))
+
+
+class RoutingArtifactStore:
+    """Reads an artifact from whichever of several stores holds it: optuna-dashboard
+    serves one store, while each study of a storage records its own location."""
+
+    def __init__(self, stores: list[ArtifactStore]) -> None:
+        self.stores = stores
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        for store in self.stores:
+            try:
+                return store.open_reader(artifact_id)
+            except Exception:  # not in this store (each raises its own "not found")
+                continue
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the study locations")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.stores[0].write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        for store in self.stores:
+            try:
+                store.remove(artifact_id)
+            except Exception:
+                continue
+
+
+def readable_store(location: ArtifactLocation) -> ArtifactStore | None:
+    """The artifact store at ``location`` for reading, or None (with one warning) when it
+    cannot be read: a missing folder, an unreachable bucket."""
+    if location.folder is not None:
+        if not (location.folder / "optuna").is_dir():
+            logger.warning(
+                "artifact folder %s does not exist (or holds no optuna/ folder): the figures "
+                "and prediction files of the trials stored there will be missing",
+                location,
+            )
+            return None
+        from optuna.artifacts import FileSystemArtifactStore
+
+        return FileSystemArtifactStore(str(location.folder / "optuna"))
+    try:
+        return _PrefixedBoto3Store(S3Bucket(location))
+    except KdsearchError as exc:
+        logger.warning("%s: the trials' artifacts stored there will be missing", exc)
+        return None
 
 
 class S3Bucket:
@@ -133,9 +197,9 @@ class S3Bucket:
             self.client = boto3.client("s3", config=patient)
             boto3.client("s3", config=once).head_bucket(Bucket=self.bucket)
         except Exception as exc:  # botocore raises many types: endpoint, auth, 404, region
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KdsearchError(
-                f"cannot reach the artifact store {str(location)!r}: {reason}. Check that the "
+            raise InfrastructureError(
+                f"cannot reach the artifact store {str(location)!r}: {first_line(exc)}. Check that "
+                "the "
                 "bucket exists and the store is up; boto3 reads AWS_ACCESS_KEY_ID, "
                 "AWS_SECRET_ACCESS_KEY and, for a store that is not AWS (MinIO, Ceph...), "
                 f"AWS_ENDPOINT_URL (--artifacts or ${ARTIFACTS_ENV})"
@@ -182,23 +246,60 @@ class S3Bucket:
         return True
 
     def fetch(self, name: str, dest: Path) -> None:
-        """Download published folder ``name`` into ``dest``, checking every file's hash."""
+        """Download published folder ``name`` into ``dest``, checking every file's hash.
+
+        The manifest comes from whoever can write the bucket: its file names are checked
+        (relative, no ``..``, inside ``dest``) before anything is written."""
         manifest_key = self.location.key("cache", name, MANIFEST)
-        manifest = json.loads(
-            self.client.get_object(Bucket=self.bucket, Key=manifest_key)["Body"].read()
-        )
-        for relative, expected in manifest["files"].items():
-            target = dest / relative
+        try:
+            manifest = json.loads(
+                self.client.get_object(Bucket=self.bucket, Key=manifest_key)["Body"].read()
+            )
+            files, build = manifest["files"], str(manifest["build"])
+            if not isinstance(files, dict) or not BUILD_ID.fullmatch(build):
+                raise ValueError("unexpected layout")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InfrastructureError(
+                f"s3://{self.bucket}/{manifest_key} is not a kdsearch manifest ({exc}); delete "
+                f"s3://{self.bucket}/{self.location.key('cache', name)}/ so that the next worker "
+                "rebuilds it"
+            ) from None
+        targets = {relative: safe_join(dest, relative, manifest_key) for relative in files}
+        for relative, expected in files.items():
+            target = targets[relative]
             target.parent.mkdir(parents=True, exist_ok=True)
             key = self.location.key("cache", name, f"files-{manifest['build']}", relative)
             self.client.download_file(self.bucket, key, str(target))
             if _sha256(target) != expected["sha256"]:
-                raise KdsearchError(
+                raise InfrastructureError(
                     f"s3://{self.bucket}/{key} does not match its manifest (sha256); delete "
                     f"s3://{self.bucket}/{self.location.key('cache', name)}/ so that the next "
                     "worker rebuilds it"
                 )
-        logger.info("fetched %d files from %s", len(manifest["files"]), manifest_key)
+        logger.info("fetched %d files from %s", len(files), manifest_key)
+
+
+BUILD_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def safe_join(root: Path, relative: str, source: str) -> Path:
+    """``root / relative`` for a name read from a manifest, refusing any name that would
+    land outside ``root``: absolute paths, ``..``, backslashes, empty parts."""
+    parts = relative.split("/")
+    bad = (
+        not relative
+        or relative.startswith("/")
+        or "\\" in relative
+        or "\0" in relative
+        or any(p in ("", ".", "..") for p in parts)
+    )
+    target = (root / relative).resolve()
+    if bad or not target.is_relative_to(root.resolve()):
+        raise InfrastructureError(
+            f"{source} names the file {relative!r}, which is outside the cache folder; the "
+            "store holds a tampered or foreign manifest: delete it and let a worker rebuild it"
+        )
+    return target
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,16 @@
-"""User-facing errors: the CLI prints their message and exits 2, without a traceback."""
+"""User-facing errors and the exit codes of every command.
+
+The CLI prints a ``KdsearchError``'s message as ``kdsearch: error: ...`` and exits with
+its ``exit_code``, without a traceback. Exit codes, the same for every command:
+
+====  ==========================================================================
+0     done
+1     trials kept failing (a failure streak stopped the worker)
+2     bad input or usage: a spec, a file, an option, an unknown study
+3     the study storage (database) is unreachable
+4     the artifact store or a local folder kdsearch writes to is unusable
+====  ==========================================================================
+"""
 
 from __future__ import annotations
 
@@ -21,3 +33,29 @@ class SpecError(KdsearchError):
         lines = "\n".join(f"  - {p}" for p in problems)
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"{source}: {len(problems)} {noun} in the study spec:\n{lines}")
+
+
+class StorageUnavailable(KdsearchError):
+    """The study storage cannot be reached (or stayed unreachable past the worker's limit)."""
+
+    exit_code = 3
+
+
+class InfrastructureError(KdsearchError):
+    """The artifact store, the asset cache or the local disk is unusable. Not the trial's
+    fault: the worker stops without charging the trial a retry."""
+
+    exit_code = 4
+
+
+class FailureStreak(KdsearchError):
+    """Trials kept failing: the worker stops rather than burn the budget on failures."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (of its database cause, for SQLAlchemy's
+    wrapped errors), or its type name when it has none: safe to put in one-line messages."""
+    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -38,33 +38,11 @@ prune a late bloomer: it is off by default (``rule: threshold``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
+from kdsearch.service.record import ProbePoint
 from kdsearch.service.spec import PruningSpec, Thresholds
 
-
-@dataclass(frozen=True)
-class ProbePoint:
-    epoch: float  # epochs of training done: 1.0 after the first, 1.5 halfway through the 2nd
-    epochs: int  # the trial's total epochs
-    sigma: float
-    accuracy_drop: float
-
-    @property
-    def progress(self) -> float:
-        return self.epoch / self.epochs
-
-    @property
-    def at_epoch_end(self) -> bool:
-        return float(self.epoch).is_integer()
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ProbePoint:
-        return cls(raw["epoch"], int(raw["epochs"]), raw["sigma"], raw["accuracy_drop"])
+__all__ = ["ProbePoint", "pareto_prune", "should_prune", "threshold_prune"]
 
 
 def _decides(history: Sequence[ProbePoint], pruning: PruningSpec) -> bool:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+
+from kdsearch.service.record import TrialRecord
 from kdsearch.service.spec import StudySpec
-from kdsearch.service.study import BASELINE_ATTR, is_feasible
-from optuna.trial import FrozenTrial, TrialState
 
 
 @dataclass(frozen=True)
@@ -44,42 +45,47 @@ def _student_name(spec: StudySpec) -> str:
     return spec.student.model or ""
 
 
-def best_feasible(trials: list[FrozenTrial]) -> FrozenTrial | None:
+def records(study: optuna.Study) -> list[TrialRecord]:
+    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+
+
+def best_feasible(trials: list[TrialRecord]) -> TrialRecord | None:
     """The feasible finished trial with the lowest sigma (ties: lower drop)."""
-    feasible = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]
-    return min(feasible, key=lambda t: (t.values[0], t.values[1]), default=None)
+    feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.feasible]
+    return min(feasible, key=lambda t: t.values or (), default=None)
 
 
 def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    baseline = next((t for t in complete if t.user_attrs.get(BASELINE_ATTR)), None)
+    trials = records(study)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.outcome is not None]
+    baseline = next((t for t in complete if t.baseline), None)
     best = best_feasible(trials)
-    hours = {"cuda": 0.0, "cpu": 0.0}
-    for t in trials:
+    hours = {"gpu": 0.0, "cpu": 0.0}
+    for t in study.get_trials(deepcopy=False):
         if t.datetime_start is not None and t.datetime_complete is not None:
-            kind = "cuda" if str(t.user_attrs.get("device", "")).startswith("cuda") else "cpu"
+            kind = "gpu" if TrialRecord.of(t).on_gpu else "cpu"
             hours[kind] += (t.datetime_complete - t.datetime_start).total_seconds() / 3600
+    best_outcome = best.outcome if best else None
     return StudySummary(
         study=spec.name,
         task=spec.task,
         student=_student_name(spec),
-        baseline_sigma=baseline.values[0] if baseline else None,
-        baseline_accuracy_drop=baseline.values[1] if baseline else None,
+        baseline_sigma=baseline.sigma if baseline else None,
+        baseline_accuracy_drop=baseline.accuracy_drop if baseline else None,
         best_trial=best.number if best else None,
-        best_sigma=best.values[0] if best else None,
-        teacher_dev_accuracy=complete[0].user_attrs.get("teacher_dev_accuracy")
+        best_sigma=best.sigma if best else None,
+        teacher_dev_accuracy=complete[0].outcome.teacher_dev_accuracy  # type: ignore[union-attr]
         if complete
         else None,
-        best_student_dev_accuracy=best.user_attrs.get("student_dev_accuracy") if best else None,
-        best_accuracy_drop=best.values[1] if best else None,
-        best_hyperparameters=best.user_attrs.get("hyperparameters") if best else None,
-        n_feasible=sum(bool(is_feasible(t)) for t in complete),
-        n_infeasible=sum(is_feasible(t) is False for t in complete),
+        best_student_dev_accuracy=best_outcome.student_dev_accuracy if best_outcome else None,
+        best_accuracy_drop=best.accuracy_drop if best else None,
+        best_hyperparameters=best.hyperparameters if best else None,
+        n_feasible=sum(bool(t.feasible) for t in complete),
+        n_infeasible=sum(t.feasible is False for t in complete),
         n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         n_running=sum(t.state == TrialState.RUNNING for t in trials),
-        gpu_hours=round(hours["cuda"], 4),
+        gpu_hours=round(hours["gpu"], 4),
         cpu_hours=round(hours["cpu"], 4),
     )
 
@@ -148,12 +154,12 @@ def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    trials = [t for t in records(study) if t.state == TrialState.COMPLETE and t.values]
     front = {t.number for t in study.best_trials}
     everything_front = pareto_front(trials)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for t in trials:
-        feasible = bool(is_feasible(t))
+        feasible = bool(t.feasible)
         ax.scatter(
             t.values[0],
             t.values[1],
@@ -178,10 +184,10 @@ def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
     plt.close(fig)
 
 
-def pareto_front(trials: list[FrozenTrial]) -> set[int]:
+def pareto_front(trials: list[TrialRecord]) -> set[int]:
     """Numbers of the finished trials no other trial dominates (feasible or not)."""
 
-    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+    def dominates(a: TrialRecord, b: TrialRecord) -> bool:
         return all(x <= y for x, y in zip(a.values, b.values, strict=True)) and a.values != b.values
 
     return {t.number for t in trials if not any(dominates(u, t) for u in trials)}

@@ -9,15 +9,12 @@ there, never the raw dict.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
-import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from kdsearch.service.errors import SpecError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,8 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-TASKS = ("sst2", "qqp", "qnli", "mrpc", "rte", "cola")
+from kdsearch.service.errors import SpecError
+
 Task = Literal["sst2", "qqp", "qnli", "mrpc", "rte", "cola"]
+TASKS: tuple[str, ...] = get_args(Task)
 
 # Models are named by a local path, a Hugging Face hub id ("org/name" or "name") or
 # "package:NAME", a Python package that bundles a model folder (e.g. the offline MiniLM).
@@ -38,8 +37,9 @@ _STUDY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are errors (a typo must not silently fall back to a default); the
+    # attribute docstrings become the JSON Schema's descriptions (editor tooltips).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class DataSpec(_Section):
@@ -153,7 +153,20 @@ HYPERPARAMETER_NAMES = tuple(Hyperparameters.model_fields) + tuple(
     STAGE1_PREFIX + name for name in Stage1Spec.model_fields
 )
 _SEARCH_SPACE: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Param])
-INTEGER_HYPERPARAMETERS = ("batch_size", "epochs", "stage1_batch_size", "stage1_epochs")
+
+
+def _integer_fields(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
+    """Names of the fields typed ``int`` (Annotated or not): searched as integers."""
+    out = []
+    for name, info in model.model_fields.items():
+        if info.annotation is int:
+            out.append(prefix + name)
+    return tuple(out)
+
+
+INTEGER_HYPERPARAMETERS = _integer_fields(Hyperparameters) + _integer_fields(
+    Stage1Spec, STAGE1_PREFIX
+)
 
 
 class Thresholds(_Section):
@@ -256,11 +269,6 @@ class StudySpec(_Section):
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self) -> str:
-        """A stable hash of the resolved spec (used to compare stored and given specs)."""
-        blob = json.dumps(self.to_json_dict(), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def _cross_field_problems(
     name: str, search_space: dict[str, Any], defaults: Hyperparameters, stage1: Any
@@ -325,6 +333,20 @@ def _search_space_problems(
             f"change {key_of_default}"
         )
     return problems
+
+
+SCHEMA_FILE = "study-spec.schema.json"  # in studies/, next to the shipped YAMLs
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a study YAML, generated from the typed spec (editors complete
+    and check ``studies/*.yaml`` with it; rules spanning several keys are checked by
+    ``load_spec`` only)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **StudySpec.model_json_schema(),
+        "title": "kdsearch study spec",
+    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,35 +8,31 @@ import math
 from typing import Any
 
 import optuna
-from kdsearch.service.study import BASELINE_ATTR, is_feasible
-from optuna.trial import FrozenTrial
+
+from kdsearch.service.record import TrialRecord
 
 
 def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, Any]]:
-    rows = []
+    """One row per trial; a queued trial (the baseline, a retry) shows the hyperparameters
+    it will run with."""
     now = datetime.datetime.now()
+    rows = []
     for t in study.get_trials(deepcopy=False):
+        r = TrialRecord.of(t, now)
         rows.append(
             {
-                "trial": t.number,
-                "state": t.state.name,
-                "baseline": bool(t.user_attrs.get(BASELINE_ATTR)),
-                **{name: t.params.get(name) for name in param_names},
-                "sigma": t.values[0] if t.values else None,
-                "accuracy_drop": t.values[1] if t.values else None,
-                "feasible": is_feasible(t),
-                "host": t.user_attrs.get("worker_host"),
-                "elapsed_s": _elapsed(t, now),
+                "trial": r.number,
+                "state": r.state.name,
+                "baseline": r.baseline,
+                **{name: r.params.get(name) for name in param_names},
+                "sigma": r.sigma,
+                "accuracy_drop": r.accuracy_drop,
+                "feasible": r.feasible,
+                "host": r.worker_host,
+                "elapsed_s": r.elapsed_s,
             }
         )
     return rows
-
-
-def _elapsed(trial: FrozenTrial, now: datetime.datetime) -> float | None:
-    if trial.datetime_start is None:
-        return None
-    end = trial.datetime_complete or now
-    return round((end - trial.datetime_start).total_seconds(), 1)
 
 
 def _cell(value: Any) -> str:

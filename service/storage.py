@@ -1,4 +1,4 @@
-"""Where studies live: storage URL resolution, the RDB storage, and the study lock.
+"""Where studies live: storage URL resolution, the RDB storage, reconnects and locks.
 
 Every database connection kdsearch makes is opened here.
 """
@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
-from kdsearch.service.errors import KdsearchError
-from optuna.trial import FrozenTrial
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+
+from kdsearch.service.errors import KdsearchError, StorageUnavailable, first_line
+from kdsearch.service.hashing import stable_hash, stable_int
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +51,66 @@ def _engine_kwargs(url: str) -> dict[str, object]:
         # Worker processes on one machine share the file; wait for locks instead of failing.
         return {"connect_args": {"timeout": 60}}
     # pool_pre_ping: idle connections drop during long trials (optuna#5600); a small pool
-    # per worker keeps many workers under PostgreSQL's default 100 connections.
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 1800}
+    # per worker keeps many workers under PostgreSQL's default 100 connections; the
+    # connect timeout makes an unreachable server fail in seconds, not minutes.
+    return {
+        "pool_pre_ping": True,
+        "pool_size": 2,
+        "max_overflow": 2,
+        "pool_recycle": 1800,
+        "connect_args": {"connect_timeout": 10},
+    }
 
 
-def open_storage(
-    url: str,
-    heartbeat_interval_s: int | None = None,
-    grace_period_s: int | None = None,
-    stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-) -> optuna.storages.RDBStorage:
-    """Connect (creating Optuna's tables on a fresh database) or raise one clear error.
+class KdsearchStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, with one more stale-trial rule.
 
-    Workers pass the heartbeat settings: they enable Optuna's stale-trial detection
-    (``fail_stale_trials``), with ``stale_trial_callback`` run on each trial it fails.
+    Optuna fails a RUNNING trial whose heartbeat is older than the grace period, but skips
+    a RUNNING trial that has no heartbeat at all: a worker that died (or lost its
+    connection) between claiming a trial and its first beat would leave that trial
+    RUNNING forever. Here such a trial gets its clock started, with the database's own
+    time, the first time any worker looks; if nobody beats for it within the grace
+    period, it is stale like any other.
     """
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Write several user attrs in one transaction: a reader sees all or none of them
+        (a trial's outcome is never half there), in one round trip instead of many."""
+        with _create_scoped_session(self.scoped_session, True) as session:
+            for key, value in attrs.items():
+                self._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        self._start_clocks(study_id)
+        return stale
+
+    def _start_clocks(self, study_id: int) -> None:
+        with self.engine.connect() as conn:
+            unbeaten = conn.execute(
+                sqlalchemy.select(models.TrialModel.trial_id)
+                .where(models.TrialModel.study_id == study_id)
+                .where(models.TrialModel.state == TrialState.RUNNING)
+                .where(
+                    ~sqlalchemy.exists().where(
+                        models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id
+                    )
+                )
+            ).scalars()
+            for trial_id in list(unbeaten):
+                try:
+                    conn.execute(
+                        sqlalchemy.insert(models.TrialHeartbeatModel).values(trial_id=trial_id)
+                    )
+                    conn.commit()
+                    logger.info("trial id %d is RUNNING with no heartbeat: clock started", trial_id)
+                except sqlalchemy.exc.IntegrityError:
+                    conn.rollback()  # its worker (or another checker) wrote one meanwhile
+
+
+def _check_url(url: str) -> sqlalchemy.engine.URL:
     shown = redact(url)
     try:
         parsed = make_url(url)
@@ -77,29 +125,84 @@ def open_storage(
             f"storage URL {shown!r} uses backend {parsed.get_backend_name()!r}; "
             "use postgresql+psycopg2://... (many workers) or sqlite:///FILE (one machine)"
         )
+    return parsed
+
+
+def _unreachable(url: str, parsed: sqlalchemy.engine.URL, exc: BaseException) -> KdsearchError:
+    reason = first_line(exc)
+    if parsed.password:
+        reason = reason.replace(parsed.password, "***")
+    return StorageUnavailable(
+        f"cannot reach the storage {redact(url)!r}: {reason}. Check that the server is up and "
+        f"the URL is right (--storage or ${STORAGE_ENV})"
+    )
+
+
+class NoStudies(KdsearchError):
+    """A read-only command found a storage without any kdsearch study (nothing created)."""
+
+
+def open_storage(
+    url: str,
+    heartbeat_interval_s: int | None = None,
+    grace_period_s: int | None = None,
+    stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    create: bool = True,
+) -> KdsearchStorage:
+    """Connect, or raise one clear error.
+
+    ``create``: make Optuna's tables on a fresh database (and the SQLite file). Read-only
+    commands pass False: they never write, and a storage without tables raises
+    ``NoStudies``. Workers pass the heartbeat settings: they enable Optuna's stale-trial
+    detection, with ``stale_trial_callback`` run on each trial it fails.
+    """
+    parsed = _check_url(url)
+    if not create:
+        _require_schema(url, parsed)
     try:
         with _schema_lock(url):
             with warnings.catch_warnings():
                 # heartbeat_interval is "experimental" since optuna 2.9; it is what we rely on.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                return KdsearchStorage(
                     url,
                     engine_kwargs=_engine_kwargs(url),
                     heartbeat_interval=heartbeat_interval_s,
                     grace_period=grace_period_s,
                     heartbeat_stale_trial_callback=stale_trial_callback,
+                    skip_table_creation=not create,
                 )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        if parsed.password:
-            reason = reason.replace(parsed.password, "***")
-        raise KdsearchError(
-            f"cannot reach the storage {shown!r}: {reason}. Check that the server is up and "
-            f"the URL is right (--storage or ${STORAGE_ENV})"
-        ) from None
+        raise _unreachable(url, parsed, exc) from None
 
 
-_SCHEMA_LOCK_KEY = 0x6B64736561726368  # "kdsearch": serialises Optuna's table creation
+def _require_schema(url: str, parsed: sqlalchemy.engine.URL) -> None:
+    """Raise ``NoStudies`` unless Optuna's tables exist, without creating anything."""
+    shown = redact(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or not Path(database).is_file():
+            raise NoStudies(
+                f"no storage at {shown!r} (the file does not exist): no study has been created "
+                f"there; create one with `kdsearch study create STUDY.yaml`, or give --storage "
+                f"(or ${STORAGE_ENV})"
+            )
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            has = sqlalchemy.inspect(conn).has_table("studies")
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise _unreachable(url, parsed, exc) from None
+    finally:
+        engine.dispose()
+    if not has:
+        raise NoStudies(
+            f"the storage {shown!r} holds no kdsearch study yet; create one with "
+            f"`kdsearch study create STUDY.yaml`, or check --storage (or ${STORAGE_ENV})"
+        )
+
+
+_SCHEMA_LOCK_KEY = stable_int("kdsearch:schema")  # serialises Optuna's table creation
 
 
 @contextlib.contextmanager
@@ -109,7 +212,9 @@ def _schema_lock(url: str) -> Iterator[None]:
     if not url.startswith("postgresql"):
         yield
         return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(
+        url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
+    )
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
@@ -123,15 +228,9 @@ def _schema_lock(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-class StorageUnavailable(KdsearchError):
-    """The storage stayed unreachable longer than the worker's limit."""
-
-    exit_code = 3
-
-
 # Errors that mean "the database is (temporarily) gone"; Optuna wraps SQLAlchemy's
 # errors in StorageInternalError.
-_TRANSIENT = (
+TRANSIENT_ERRORS = (
     optuna.exceptions.StorageInternalError,
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
@@ -140,30 +239,31 @@ _TRANSIENT = (
 T = TypeVar("T")
 
 
-def with_reconnect(call: Callable[[], T], what: str, limit_s: float) -> T:
+def with_reconnect(
+    call: Callable[[], T], what: str, limit_s: float, deadline: float | None = None
+) -> T:
     """Run a storage call, retrying with exponential backoff (0.5 s .. 15 s) while the
-    database is unreachable; give up with ``StorageUnavailable`` after ``limit_s``."""
+    database is unreachable; give up with ``StorageUnavailable`` after ``limit_s``.
+
+    ``deadline`` (a ``time.monotonic()`` value) caps the whole effort instead, so calls
+    made while handling an outage share one budget rather than each getting their own."""
     start = time.monotonic()
+    end = deadline if deadline is not None else start + limit_s
     delay = 0.5
     while True:
         try:
             return call()
-        except _TRANSIENT as exc:
-            waited = time.monotonic() - start
-            if waited >= limit_s:
+        except TRANSIENT_ERRORS as exc:
+            now = time.monotonic()
+            if now >= end:
                 raise StorageUnavailable(
-                    f"the storage was unreachable for {waited:.0f} s while {what} "
-                    f"(limit {limit_s:.0f} s, --storage-timeout): {_first_line(exc)}. Bring "
+                    f"the storage was unreachable for {now - start:.0f} s while {what} "
+                    f"(limit {limit_s:.0f} s, --storage-timeout): {first_line(exc)}. Bring "
                     "the database back and start the worker again; its trial will be re-run"
                 ) from None
             logger.warning("storage unreachable while %s; retrying in %.1f s", what, delay)
-            time.sleep(min(delay, max(0.0, limit_s - waited)) or 0.1)
+            time.sleep(max(0.05, min(delay, end - now)))
             delay = min(delay * 2, 15.0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
@@ -178,11 +278,6 @@ def require_study(storage: optuna.storages.BaseStorage, name: str) -> None:
             f"study {name!r} does not exist in this storage (studies there: {listed}); "
             "create it with `kdsearch study create STUDY.yaml` or check --storage"
         )
-
-
-def _lock_key(name: str) -> int:
-    # pg_advisory_lock takes a signed 64-bit key.
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def study_lock(storage: optuna.storages.RDBStorage, name: str) -> AbstractContextManager[None]:
@@ -205,7 +300,8 @@ def _named_lock(
     the database (one machine, which is all SQLite serves)."""
     engine = storage.engine
     if engine.dialect.name == "postgresql":
-        key = {"k": _lock_key(name)}
+        # pg_advisory_lock takes a signed 64-bit key.
+        key = {"k": stable_int(name, bits=64) - (1 << 63)}
         with engine.connect() as conn:
             if poll_s is None:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), key)
@@ -227,10 +323,10 @@ def _named_lock(
                     conn.commit()
                 except sqlalchemy.exc.SQLAlchemyError as exc:
                     # The server went away while we held it: the lock went with the session.
-                    logger.warning("could not release %s: %s", name, _first_line(exc))
+                    logger.warning("could not release %s: %s", name, first_line(exc))
         return
     database = engine.url.database or "kdsearch"
-    with file_lock(Path(f"{database}.{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")):
+    with file_lock(Path(f"{database}.{stable_hash(name, length=12)}.lock")):
         yield
 
 

@@ -9,12 +9,26 @@ import logging
 import os
 import socket
 import warnings
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsearch.service.artifacts import ArtifactLocation, resolve_artifacts
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.faults import fault_point
+from kdsearch.service.hashing import stable_int
+from kdsearch.service.record import (
+    STUDY_KEYS,
+    StudyAttr,
+    TrialAttr,
+    TrialRecord,
+    check_keys,
+    objectives_for_constraints,
+    retry_attrs,
+    set_study_attr,
+)
 from kdsearch.service.spec import (
     INTEGER_HYPERPARAMETERS,
     STAGE1_PREFIX,
@@ -25,17 +39,10 @@ from kdsearch.service.spec import (
     StudySpec,
 )
 from kdsearch.service.storage import require_study, study_lock
-from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ["sigma", "accuracy_drop"]
-SPEC_ATTR = "kdsearch:spec"
-BASELINE_ATTR = "kdsearch:baseline"
-ATTEMPT_ATTR = "kdsearch:attempt"  # 0 for a first run, n for the n-th retry
-RETRY_OF_ATTR = "kdsearch:retry_of"  # number of the trial this one re-runs
-RETRY_REASON_ATTR = "kdsearch:retry_reason"  # why the trial it re-runs failed
-PROBES_ATTR = "probe_history"  # probe points (epoch ends, or every N steps), kept if pruned
 # A trial counts against the budget once it is done, running, or queued to run.
 _BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -43,9 +50,8 @@ _BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, Tr
 class ThresholdConstraints:
     """Optuna ``constraints_func``: values <= 0 are feasible.
 
-    Reads the objectives from user attrs, because the sampler calls it in ``tell``
-    before the trial's values are stored. Written as the ``constraints`` system attr,
-    which optuna-dashboard reads to mark infeasible trials.
+    Written as the ``constraints`` system attr, which optuna-dashboard reads to mark
+    infeasible trials (``record.objectives_for_constraints`` says what a trial is judged by).
     """
 
     def __init__(self, sigma_max: float, accuracy_drop_max: float) -> None:
@@ -53,16 +59,7 @@ class ThresholdConstraints:
         self.accuracy_drop_max = accuracy_drop_max
 
     def __call__(self, trial: FrozenTrial) -> Sequence[float]:
-        attrs = trial.user_attrs
-        if "sigma" in attrs:
-            sigma, drop = attrs["sigma"], attrs["accuracy_drop"]
-        elif attrs.get(PROBES_ATTR):
-            # A pruned trial is judged by its last probe.
-            sigma, drop = attrs[PROBES_ATTR][-1]["sigma"], attrs[PROBES_ATTR][-1]["accuracy_drop"]
-        else:
-            sigma = drop = float("inf")
-        if sigma != sigma:  # NaN (no input right for both models) is never feasible
-            sigma = float("inf")
+        sigma, drop = objectives_for_constraints(trial)
         return (sigma - self.sigma_max, drop - self.accuracy_drop_max)
 
 
@@ -116,7 +113,7 @@ def worker_seed(spec: StudySpec, worker_id: str | None = None) -> int:
     """A per-worker sampler seed: a shared seed would make every worker replay the same
     random startup points (optuna#4714)."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    return zlib.crc32(f"{spec.seed}:{worker_id}".encode())
+    return stable_int([spec.seed, worker_id], bits=32)
 
 
 @contextlib.contextmanager
@@ -172,11 +169,14 @@ def spec_differences(stored: dict[str, Any], given: dict[str, Any], prefix: str 
     return out
 
 
-def create_or_attach(storage: optuna.storages.RDBStorage, spec: StudySpec) -> bool:
+def create_or_attach(
+    storage: optuna.storages.RDBStorage, spec: StudySpec, artifacts: str | None = None
+) -> bool:
     """Create the study (returns True) or attach to an identical one (returns False).
 
-    Creation is all or nothing: the study, its metric names, the stored spec and the
-    enqueued baseline are written under the study lock, and removed again on failure.
+    Creation is all or nothing: the study, its metric names, the stored spec, the
+    artifact location (when given) and the enqueued baseline are written under the study
+    lock, and removed again on failure.
     """
     given = spec.to_json_dict()
     with study_lock(storage, spec.name):
@@ -185,7 +185,7 @@ def create_or_attach(storage: optuna.storages.RDBStorage, spec: StudySpec) -> bo
         except KeyError:
             study_id = None
         if study_id is not None:
-            stored = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+            stored = storage.get_study_user_attrs(study_id).get(StudyAttr.SPEC)
             if stored is None:
                 raise KdsearchError(
                     f"study {spec.name!r} exists but was not created by kdsearch; "
@@ -198,6 +198,8 @@ def create_or_attach(storage: optuna.storages.RDBStorage, spec: StudySpec) -> bo
                     + "\n".join(f"  - {d}" for d in differences)
                     + "\nUse a new study name, or restore these values to attach to it."
                 )
+            if artifacts is not None:
+                _record_location(storage, study_id, spec.name, artifacts)
             return False
         study = optuna.create_study(
             storage=storage, study_name=spec.name, directions=["minimize", "minimize"]
@@ -205,20 +207,71 @@ def create_or_attach(storage: optuna.storages.RDBStorage, spec: StudySpec) -> bo
         try:
             with _quiet_optuna():
                 study.set_metric_names(METRIC_NAMES)
-            study.set_user_attr(SPEC_ATTR, given)
+            set_study_attr(study, StudyAttr.SPEC, given)
+            if artifacts is not None:
+                set_study_attr(study, StudyAttr.ARTIFACTS, artifacts)
             # The baseline is enqueued here, once, under the lock: concurrent enqueue_trial
             # calls can duplicate it.
-            study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
+            study.enqueue_trial(baseline_params(spec), user_attrs={TrialAttr.BASELINE: True})
         except BaseException:
             optuna.delete_study(study_name=spec.name, storage=storage)
             raise
         return True
 
 
+def _record_location(
+    storage: optuna.storages.BaseStorage, study_id: int, name: str, location: str
+) -> None:
+    """Record ``location`` as the study's artifact location, unless it has another one."""
+    recorded = storage.get_study_user_attrs(study_id).get(StudyAttr.ARTIFACTS)
+    if recorded is None:
+        check_keys({StudyAttr.ARTIFACTS}, STUDY_KEYS)
+        storage.set_study_user_attr(study_id, StudyAttr.ARTIFACTS, location)
+        logger.info("study %s keeps its artifacts in %s", name, location)
+    elif recorded != location:
+        raise KdsearchError(
+            f"artifact location {location!r} is not the one study {name!r} uses ({recorded!r}); "
+            "drop --artifacts (and $KDSEARCH_ARTIFACTS) to use the study's, or create a new "
+            "study for another location"
+        )
+
+
+def study_artifacts(
+    storage: optuna.storages.RDBStorage, name: str, explicit: str | None, worker: bool = False
+) -> ArtifactLocation:
+    """Where study ``name``'s artifacts are: ``explicit`` (``--artifacts`` or
+    ``$KDSEARCH_ARTIFACTS``), else the location the study recorded, else the default.
+
+    A ``worker`` naming another location than the one its study recorded is refused: one
+    study's files never scatter over two places (readers may name another location: the
+    files may have moved)."""
+    require_study(storage, name)
+    study_id = storage.get_study_id_from_name(name)
+    recorded = storage.get_study_user_attrs(study_id).get(StudyAttr.ARTIFACTS)
+    location = resolve_artifacts(explicit or recorded)
+    if worker and recorded is not None and str(location) != recorded:
+        _record_location(storage, study_id, name, str(location))  # refuses, naming both
+    return location
+
+
+def record_artifact_location(
+    storage: optuna.storages.RDBStorage, name: str, location: ArtifactLocation
+) -> None:
+    """Record where a study's worker keeps its artifacts (once it could open them), unless
+    the study has a location already."""
+    with study_lock(storage, name):
+        _record_location(storage, storage.get_study_id_from_name(name), name, str(location))
+
+
+def recorded_locations(storage: optuna.storages.BaseStorage) -> dict[str, str | None]:
+    """Each study's recorded artifact location (None where none is recorded)."""
+    return {s.study_name: s.user_attrs.get(StudyAttr.ARTIFACTS) for s in storage.get_all_studies()}
+
+
 def load_stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
     require_study(storage, name)
     study_id = storage.get_study_id_from_name(name)
-    stored = storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+    stored = storage.get_study_user_attrs(study_id).get(StudyAttr.SPEC)
     if stored is None:
         raise KdsearchError(f"study {name!r} was not created by kdsearch (no stored spec)")
     return StudySpec.model_validate(stored)
@@ -233,13 +286,18 @@ def requeue(
     conditional in the storage), so a trial is never re-queued twice. A re-run caused by
     a stop request (``count=False``) does not use up a retry.
     """
-    attempt = failed.user_attrs.get(ATTEMPT_ATTR, 0) + (1 if count else 0)
+    attempt = TrialRecord.of(failed).attempt + (1 if count else 0)
     if attempt > max_retries:
         logger.warning("trial %d failed %d times: not retried", failed.number, attempt)
         return False
-    keep = {k: v for k, v in failed.user_attrs.items() if k == BASELINE_ATTR}
-    attrs = {**keep, ATTEMPT_ATTR: attempt, RETRY_OF_ATTR: failed.number, RETRY_REASON_ATTR: reason}
-    study.enqueue_trial(failed.params, user_attrs=attrs, skip_if_exists=False)
+    params = failed.params or failed.system_attrs.get("fixed_params")
+    if not params:
+        # Failed before its hyperparameters were drawn: there is nothing to re-run, and
+        # its budget slot is free again for a new sample.
+        logger.info("trial %d failed before sampling: not re-queued", failed.number)
+        return False
+    attrs = retry_attrs(failed, attempt, reason)
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     logger.info("trial %d re-queued (attempt %d of %d)", failed.number, attempt, max_retries)
     return True
 
@@ -268,7 +326,10 @@ class Claim(enum.Enum):
 
 
 def claim_trial(
-    study: optuna.Study, spec: StudySpec, storage: optuna.storages.RDBStorage
+    study: optuna.Study,
+    spec: StudySpec,
+    storage: optuna.storages.RDBStorage,
+    on_ask: Callable[[optuna.Trial], None] | None = None,
 ) -> optuna.Trial | Claim:
     """Take the next trial, or say why not.
 
@@ -277,6 +338,12 @@ def claim_trial(
     waiting < n_trials. The count and the ask happen under the study lock, so two
     workers can never both take the last slot. With no slot free but trials running,
     the caller should wait: a running trial may still fail and need a re-run.
+
+    The trial's first heartbeat is written inside the lock, right after ``ask``: from
+    then on a dead worker's trial goes stale (and one that dies before it is caught by
+    ``KdsearchStorage``'s no-heartbeat rule). ``on_ask`` receives the trial as soon as it
+    exists, so a caller whose claim fails halfway (a lost connection) can fail it
+    instead of leaving it behind.
     """
     with study_lock(storage, spec.name):
         fail_stale_trials(study)
@@ -287,12 +354,10 @@ def claim_trial(
             return Claim.WAIT if running else Claim.DONE
         with _quiet_optuna():
             trial = study.ask()
+        if on_ask is not None:
+            on_ask(trial)
+        fault_point("after-ask")
+        storage.record_heartbeat(trial._trial_id)
+        fault_point("after-first-beat")
         suggest(trial, spec)
         return trial
-
-
-def is_feasible(trial: FrozenTrial) -> bool | None:
-    constraints = trial.system_attrs.get("constraints")
-    if constraints is None:
-        return None
-    return all(c <= 0 for c in constraints)

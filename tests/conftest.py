@@ -7,13 +7,9 @@ binaries (initdb + pg_ctl) for the session. Each test gets a fresh database.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,61 +19,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivatePostgres:
-    """A throwaway PostgreSQL cluster in a temp folder (also used to test restarts)."""
-
-    def __init__(self) -> None:
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not found:
-            pytest.fail(
-                "no PostgreSQL server binaries (initdb) found: install postgresql or set "
-                "KDSEARCH_TEST_DATABASE_URL to a server where tests may create databases"
-            )
-        self.bin = Path(found[-1]).parent
-        self.dir = Path(tempfile.mkdtemp(prefix="kdsearch-pg-"))
-        self.port = _free_port()
-        # initdb refuses to run as root: run the server as the postgres user then.
-        self.user = "postgres" if os.geteuid() == 0 else None
-        if self.user:
-            shutil.chown(self.dir, user=self.user)
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
-        self.start()
-
-    def _run(self, *args: str) -> None:
-        cmd = [str(self.bin / args[0]), *args[1:]]
-        if self.user:
-            cmd = ["runuser", "-u", self.user, "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True)
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(
-            "pg_ctl", "-D", str(self.dir / "data"), "-o", options, "-l",
-            str(self.dir / "log"), "-w", "start",
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-
-    def destroy(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+from tests.helpers import FIXTURES, PrivatePostgres, free_port
 
 
 @pytest.fixture(scope="session")
@@ -145,58 +87,13 @@ def fixture_glue() -> Path:
     return FIXTURES / "glue"
 
 
-def write_spec(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-def tiny_spec_text(
-    name: str,
-    model_dir: Path,
-    data_dir: Path,
-    n_trials: int = 3,
-    extra: str = "",
-    pruning: str = "none",
-    grace: int = 4,
-) -> str:
-    """A complete, quick study spec on the tiny BERT and committed SST-2 rows."""
-    return f"""\
-name: {name}
-task: sst2
-data:
-  source: local
-  path: {data_dir}
-  train_limit: 160
-  dev_limit: 64
-teacher:
-  model: {model_dir}
-  finetune: {{epochs: 5, learning_rate: 5.0e-3, batch_size: 16}}
-student:
-  teacher_layers: 1
-max_seq_length: 32
-search_space:
-  learning_rate: {{type: float, low: 1.0e-5, high: 1.0e-2, log: true}}
-  batch_size: {{type: categorical, choices: [16, 32]}}
-  epochs: {{type: int, low: 1, high: 2}}
-defaults:
-  learning_rate: 1.0e-3
-  batch_size: 32
-  epochs: 1
-n_trials: {n_trials}
-seed: 7
-sampler: {{name: tpe, n_startup_trials: 2}}
-pruning: {{rule: {pruning}, probe_size: 64}}
-reliability: {{heartbeat_interval_s: 1, grace_period_s: {grace}, max_retries: 2}}
-{extra}"""
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[dict[str, str]]:
     """An S3-compatible server on a local port (moto's standalone server, a separate
     process that speaks the S3 HTTP API), and the environment boto3 needs to reach it."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -1,8 +1,9 @@
-"""The CLI as users run it (a real process): bad input exits 2 with one clear message,
-no traceback, nothing written; passwords never printed."""
+"""The CLI as users run it (a real process): bad input exits 2 with one ``kdsearch: error:``
+line, no traceback, nothing written; every exit code; help texts; passwords never printed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,32 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+
+from kdsearch import __version__
+from kdsearch.cli import build_parser
 from kdsearch.service.storage import open_storage, study_names
-
-from tests.conftest import ROOT, tiny_spec_text, write_spec
-
-KDSEARCH = [sys.executable, "-m", "kdsearch"]
-
-
-def kdsearch(
-    *args: str, cwd: Path | None = None, env_storage: str | None = None
-) -> subprocess.CompletedProcess:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "KDSEARCH_STORAGE"}
-    if env_storage:
-        env["KDSEARCH_STORAGE"] = env_storage
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [*KDSEARCH, *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=120
-    )
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
+from tests.helpers import ROOT, assert_clean_failure, kdsearch, tiny_spec_text, write_spec
 
 
 @pytest.fixture()
@@ -56,6 +36,7 @@ def test_bad_spec_writes_nothing(tmp_path: Path, spec_file: Path, pg_url: str) -
     assert_clean_failure(
         result, "2 problems in the study spec", "task: 'sst3' is not allowed", "n_trials: got -1"
     )
+    assert result.stderr.startswith("kdsearch: error: ")
     assert study_names(open_storage(pg_url)) == []
     # The SQLite default is not even created.
     result = kdsearch("study", "create", str(spec_file), cwd=tmp_path)
@@ -81,26 +62,35 @@ def test_create_attach_refuse_and_status(spec_file: Path, pg_url: str) -> None:
         "trial", "state", "baseline", "learning_rate", "batch_size", "epochs",
         "sigma", "accuracy_drop", "feasible", "host", "elapsed_s",
     ]  # fmt: skip
-    assert row.split()[:3] == ["0", "WAITING", "yes"]
+    # The queued baseline shows the hyperparameters it will run with.
+    assert row.split()[:6] == ["0", "WAITING", "yes", "0.001000", "32", "1"]
     rows = json.loads(
         kdsearch("status", "--study", "cli", "--format", "json", "--storage", pg_url).stdout
     )
     assert rows[0]["state"] == "WAITING" and rows[0]["sigma"] is None
+    assert (rows[0]["learning_rate"], rows[0]["batch_size"]) == (1e-3, 32)
 
 
-def test_unknown_study(pg_url: str) -> None:
+def test_unknown_study(pg_url: str, spec_file: Path) -> None:
+    kdsearch("study", "create", str(spec_file), "--storage", pg_url)
     for command in (("status", "--study", "nope"), ("worker", "--study", "nope")):
         result = kdsearch(*command, "--storage", pg_url)
         assert_clean_failure(result, "study 'nope' does not exist", "kdsearch study create")
 
 
-def test_unreachable_database_never_prints_the_password() -> None:
+def test_unreachable_database_is_exit_3_for_every_command_and_hides_the_password() -> None:
     url = "postgresql+psycopg2://kd:s3cr3t-pw@127.0.0.1:1/kd"
-    result = kdsearch("status", "--study", "x", "--storage", url)
-    assert_clean_failure(
-        result, "cannot reach the storage 'postgresql+psycopg2://kd:***@127.0.0.1:1/kd'"
-    )
-    assert "s3cr3t-pw" not in result.stderr + result.stdout
+    for command in (
+        ("status", "--study", "x"),
+        ("worker", "--study", "x"),
+        ("study", "list"),
+        ("report", "--study", "x"),
+    ):
+        result = kdsearch(*command, "--storage", url)
+        assert_clean_failure(
+            result, "cannot reach the storage 'postgresql+psycopg2://kd:***@127.0.0.1:1/kd'", code=3
+        )
+        assert "s3cr3t-pw" not in result.stderr + result.stdout
 
 
 def test_not_a_database_url() -> None:
@@ -108,11 +98,84 @@ def test_not_a_database_url() -> None:
     assert_clean_failure(result, "is not a database URL")
 
 
+def test_read_only_commands_write_nothing(tmp_path: Path, pg_url: str) -> None:
+    # No SQLite file appears...
+    for command in (("study", "list"), ("status", "--study", "x"), ("report", "--study", "x")):
+        result = kdsearch(*command, cwd=tmp_path)
+        assert result.returncode in (0, 2), result.stderr
+        assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    # ...and an empty PostgreSQL database stays empty: `study list` lists nothing.
+    listed = kdsearch("study", "list", "--storage", pg_url)
+    assert (listed.returncode, listed.stdout) == (0, "")
+    status = kdsearch("status", "--study", "x", "--storage", pg_url)
+    assert_clean_failure(status, "holds no kdsearch study yet")
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.connect() as conn:
+        assert sqlalchemy.inspect(conn).get_table_names() == []
+    engine.dispose()
+
+
+def test_usage_errors_exit_2_and_name_the_option() -> None:
+    result = kdsearch("worker", "--study", "s", "--threads", "-1")
+    assert result.returncode == 2 and "--threads: -1 must be at least 1" in result.stderr
+    result = kdsearch("worker", "--study", "s", "--gpu", "maybe")
+    assert result.returncode == 2 and "invalid choice: 'maybe'" in result.stderr
+    result = kdsearch("dashboard", "--port", "70000")
+    assert result.returncode == 2 and "70000 is not a port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_and_global_options_before_or_after_the_command(pg_url: str) -> None:
+    result = kdsearch("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"kdsearch {__version__}")
+    before = kdsearch("-v", "--storage", pg_url, "study", "list")
+    after = kdsearch("study", "list", "-v", "--storage", pg_url)
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, its parser) for every leaf command."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield path, parser
+    for action in subparsers:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, (*path, name))
+
+
+LEAVES = list(_commands(build_parser()))
+
+
+def test_all_commands_are_checked() -> None:
+    assert {" ".join(p) for p, _ in LEAVES} == {
+        "study create", "study list", "study schema", "worker", "status", "report", "export",
+        "dashboard", "score",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "parser"), LEAVES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else ""
+)
+def test_every_option_has_help_and_every_command_an_example(
+    path: tuple[str, ...], parser: argparse.ArgumentParser
+) -> None:
+    for action in parser._actions:
+        assert action.help, f"kdsearch {' '.join(path)} {action.option_strings or action.dest}"
+    result = kdsearch(*path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"example:\n  kdsearch {' '.join(path)}" in result.stdout, result.stdout
+
+
 def test_the_service_side_never_imports_torch() -> None:
     # Every module of the study side, and the package's own API, found by walking it.
     code = (
         "import importlib, pkgutil, sys, kdsearch, kdsearch.service as s; "
-        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(s.__path__, s.__name__ + '.')]; "
+        "[importlib.import_module(m.name) "
+        "for m in pkgutil.walk_packages(s.__path__, s.__name__ + '.')]; "
+        "import kdsearch.cli; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_spec_text, write_spec
+from tests.helpers import ROOT, tiny_spec_text, write_spec
 
 COMPOSE = ROOT / "docker-compose.yml"
 _VAR = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kdsearch.service.errors import KdsearchError
 from kdsearch.service.spec import DataSpec
 from kdsearch.workers.data import load_split, read_glue_tsv

@@ -1,4 +1,5 @@
-"""The distillation loss, optimizer groups, schedule and batching."""
+"""The distillation loss, the one training loop (optimizer groups, schedule, evaluation
+points, non-finite check) and batching."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import math
 
 import pytest
 import torch
-from kdsearch.workers.distill import (
-    SoftCrossEntropy,
-    length_grouped_batches,
+
+from kdsearch.workers.batching import encode, length_grouped_batches
+from kdsearch.workers.data import Split
+from kdsearch.workers.distill import SoftCrossEntropy
+from kdsearch.workers.training import (
+    LabelCrossEntropy,
+    LoopSettings,
+    fit,
     linear_warmup_decay,
     param_groups,
 )
@@ -46,7 +52,7 @@ def test_no_weight_decay_on_bias_and_layernorm(tiny_bert_dir) -> None:
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
-    decay, no_decay = param_groups(model, 0.01)
+    decay, no_decay = param_groups([model], 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert all(
@@ -77,29 +83,24 @@ def test_length_grouped_batches_cover_every_row_once() -> None:
     assert spread / len(batches) < 4
 
 
-def test_a_nan_loss_stops_training(tiny_bert_dir) -> None:
-    from kdsearch.service.spec import Hyperparameters
-    from kdsearch.workers.data import Split
-    from kdsearch.workers.distill import encode, fit
+def test_nan_loss_stops_training(tiny_bert_dir) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     data = encode(tokenizer, Split(["a fine film", "a dull film"] * 4, None, [1, 0] * 4), 16)
     # An infinite learning rate turns the weights, then the loss, into NaN.
-    settings = Hyperparameters.model_construct(
-        learning_rate=float("inf"), batch_size=4, epochs=1, weight_decay=0.0, warmup_proportion=0.0
-    )
-    with pytest.raises(FloatingPointError, match="loss is nan in epoch 1"):
+    settings = LoopSettings(learning_rate=float("inf"), batch_size=4, epochs=1, weight_decay=0)
+    with pytest.raises(FloatingPointError, match="fine-tune: loss is nan in epoch 1"):
         fit(
             model,
             data,
-            data.labels,
-            torch.nn.CrossEntropyLoss(),
+            LabelCrossEntropy(data.labels),
             settings,
             torch.device("cpu"),
-            0,
-            0,
+            seed=0,
+            pad_id=0,
+            label="fine-tune",
         )
 
 
@@ -109,39 +110,44 @@ def test_a_nan_loss_stops_training(tiny_bert_dir) -> None:
         # 10 rows, batch 4: 3 steps per epoch (the last batch has 2 rows), 2 epochs
         (None, [1.0, 2.0]),
         (1, [1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0]),
-        (2, [2 / 3, 1.0, 4 / 3, 2.0]),  # global step 6 is an epoch end: probed once
+        (2, [2 / 3, 1.0, 4 / 3, 2.0]),  # global step 6 is an epoch end: evaluated once
         (3, [1.0, 2.0]),
     ],
 )
-def test_probes_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, expected) -> None:
-    from kdsearch.service.spec import Hyperparameters
-    from kdsearch.workers.data import Split
-    from kdsearch.workers.distill import encode, fit
+def test_evaluations_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, expected) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     data = encode(tokenizer, Split(["a fine film", "a dull film"] * 5, None, [1, 0] * 5), 16)
-    settings = Hyperparameters(learning_rate=1e-3, batch_size=4, epochs=2)
+    settings = LoopSettings(
+        learning_rate=1e-3, batch_size=4, epochs=2, weight_decay=0, eval_every_steps=every
+    )
     seen: list[tuple[float, bool]] = []
 
-    def probe(epoch: float) -> None:
+    def evaluate(epoch: float) -> None:
         seen.append((epoch, model.training))
-        model.eval()  # a probe leaves eval mode; fit must switch back to training
+        model.eval()  # an evaluation leaves eval mode; fit must switch back to training
 
-    loss_fn = torch.nn.CrossEntropyLoss()
-    cpu = torch.device("cpu")
-    fit(
-        model,
-        data,
-        data.labels,
-        loss_fn,
-        settings,
-        cpu,
-        0,
-        0,
-        on_probe=probe,
-        probe_every_steps=every,
-    )
+    fit(model, data, LabelCrossEntropy(data.labels), settings, torch.device("cpu"), 0, 0, evaluate)
     assert [e for e, _ in seen] == pytest.approx(expected)
     assert all(training for _, training in seen)
+
+
+def test_constant_schedule_keeps_the_learning_rate() -> None:
+    from kdsearch.workers.training import lr_factor
+
+    constant = LoopSettings(1e-3, 8, 2, 0.0, warmup_proportion=0.1, schedule="constant")
+    assert [lr_factor(10, constant)(s) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+
+
+def test_extra_modules_train_with_the_model_and_follow_its_decay_rule(tiny_bert_dir) -> None:
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    projection = nn.Linear(32, 64)  # like stage 1's fit_dense
+    decay, no_decay = param_groups([model, projection], 1e-4)
+    assert any(p is projection.weight for p in decay["params"])
+    assert any(p is projection.bias for p in no_decay["params"])
+    assert decay["weight_decay"] == 1e-4

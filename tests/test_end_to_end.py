@@ -11,15 +11,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna.trial import TrialState
+
+from kdsearch.service.record import STUDY_KEYS, TRIAL_KEYS
 from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
 from kdsearch.workers.metrics import confidence_stats
 from kdsearch.workers.predictions import read_predictions
-from optuna.artifacts import FileSystemArtifactStore, download_artifact
-from optuna.trial import TrialState
-
-from tests.conftest import ROOT, tiny_spec_text, write_spec
+from tests.helpers import ROOT, tiny_spec_text, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +84,7 @@ def test_two_workers_finish_exactly_the_budget(
         assert accuracy(teacher_dev) - accuracy(dev) == pytest.approx(drop, abs=1e-12)
     # Every trial of both workers used the very same teacher logits.
     assert len(teacher_files) == 1
+    # Every attribute written is declared in the record module.
+    for trial in study.trials:
+        assert set(trial.user_attrs) <= TRIAL_KEYS, set(trial.user_attrs) - TRIAL_KEYS
+    assert set(study.user_attrs) <= STUDY_KEYS, set(study.user_attrs) - STUDY_KEYS

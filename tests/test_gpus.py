@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kdsearch.service.errors import KdsearchError
 from kdsearch.workers.gpus import claim_gpu, visible_gpus
 

@@ -7,14 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kdsearch.service.errors import SpecError
 from kdsearch.service.spec import Stage1Spec, load_spec
-from kdsearch.service.study import trial_hyperparameters, trial_stage1
-from kdsearch.workers.assets import AssetCache, prepare_assets, prepare_stage1_student
-from kdsearch.workers.intermediate import IntermediateLoss, LayerMap
-from kdsearch.workers.trial import DistillationTrial
-
-from tests.conftest import tiny_spec_text, write_spec
+from kdsearch.service.study import trial_stage1
+from kdsearch.workers.assets import AssetCache, prepare_assets
+from kdsearch.workers.intermediate import (
+    SCORES_ATTENTION,
+    IntermediateLoss,
+    LayerMap,
+    trained_fit_dense,
+)
+from kdsearch.workers.models import load_model
+from kdsearch.workers.trial import build_trial
+from tests.helpers import tiny_spec_text, write_spec
 
 CPU = torch.device("cpu")
 SEARCH_STAGE1_LR = (
@@ -32,6 +38,9 @@ def test_layer_map_matches_tinybert() -> None:
         LayerMap(5, 12)
 
 
+MASKED = torch.finfo(torch.float32).min  # what transformers adds on masked keys
+
+
 def test_intermediate_loss_hand_computed() -> None:
     loss = IntermediateLoss(LayerMap(1, 2), student_hidden=2, teacher_hidden=2)
     with torch.no_grad():  # identity projection
@@ -42,12 +51,59 @@ def test_intermediate_loss_hand_computed() -> None:
     s_hidden = (zeros, torch.ones(1, 3, 2))
     t_hidden = (zeros, torch.full((1, 3, 2), 5.0), torch.full((1, 3, 2), 3.0))
     # hidden: layer 0 vs 0 -> 0; student 1 vs teacher 2 -> (1 - 3)^2 = 4 on real tokens
-    s_attn = (torch.full((1, 1, 3, 3), 0.5),)
-    t_attn = (torch.zeros(1, 1, 3, 3), torch.full((1, 1, 3, 3), 0.25))
-    # attention: student 0 vs teacher 1 -> (0.5 - 0.25)^2 = 0.0625 on the 2x2 real pairs
-    att, rep = loss(s_hidden, t_hidden, s_attn, t_attn, mask)
+    s_scores = torch.full((1, 1, 3, 3), 0.5)
+    t_scores = torch.full((1, 1, 3, 3), 0.25)
+    s_scores[..., 2] = t_scores[..., 2] = MASKED  # raw scores carry the mask on key 2
+    # attention: student 0 vs teacher 1; masked entries (<= -100) become 0 on both sides,
+    # as in TinyBERT. Real query rows 0-1 x keys 0-1: (0.5 - 0.25)^2 = 0.0625 each; the
+    # masked key adds 0. Mean over 2 real queries x 1 head x 3 keys: 4 * 0.0625 / 6.
+    att, rep = loss(s_hidden, t_hidden, (s_scores,), (torch.zeros(1, 1, 3, 3), t_scores), mask)
     assert rep.item() == pytest.approx(4.0)
-    assert att.item() == pytest.approx(0.0625)
+    assert att.item() == pytest.approx(0.25 / 6)
+    assert att.item() == pytest.approx(0.041667, abs=1e-6)
+
+
+def test_scores_attention_returns_raw_scores_without_dropout(tiny_bert_dir: Path) -> None:
+    eager = load_model(str(tiny_bert_dir), "t", 2, attention="eager")
+    scores = load_model(str(tiny_bert_dir), "t", 2, attention=SCORES_ATTENTION)
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}  # fmt: skip
+    with torch.no_grad():
+        probs = eager.eval()(**batch, output_attentions=True).attentions[0]
+        out = scores.eval()(**batch, output_attentions=True, output_hidden_states=True)
+        raw = out.attentions[0]  # (1, heads, 5, 5)
+    assert raw[..., 4].max() <= -1e30  # the padded key keeps the additive mask
+    torch.testing.assert_close(torch.softmax(raw, -1), probs)  # scores, not probabilities
+    torch.testing.assert_close(out.logits, eager(**batch).logits)  # same outputs otherwise
+    # In training mode (dropout on) the compared maps are the same on every pass: the
+    # scores are taken before dropout, unlike transformers' returned probabilities.
+    scores.train()
+    for name, module in scores.named_modules():
+        if isinstance(module, torch.nn.Dropout):  # attention dropout only: 0.5
+            module.p = 0.5 if name.endswith("attention.self.dropout") else 0.0
+    with torch.no_grad():
+        a = scores(**batch, output_attentions=True).attentions[0]
+        b = scores(**batch, output_attentions=True).attentions[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_trained_fit_dense_is_read_from_the_checkpoint(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    assert trained_fit_dense(str(tiny_bert_dir)) is None
+    folder = tmp_path / "with-fit-dense"
+    folder.mkdir()
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json", "tokenizer.json"):
+        if (tiny_bert_dir / name).exists():
+            (folder / name).write_bytes((tiny_bert_dir / name).read_bytes())
+    state = load_file(tiny_bert_dir / "model.safetensors")
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    save_file({**state, "fit_dense.weight": weight, "fit_dense.bias": bias},
+              folder / "model.safetensors")  # fmt: skip
+    found = trained_fit_dense(str(folder))
+    assert found is not None
+    torch.testing.assert_close(found["weight"], weight)
+    torch.testing.assert_close(found["bias"], bias)
 
 
 @pytest.fixture()
@@ -79,16 +135,19 @@ def test_stage1_once_per_study(tmp_path: Path, stage1_spec_text: str, caplog) ->
     assert spec.stage1 == Stage1Spec(epochs=2, learning_rate=1e-3) and not spec.stage1_per_trial
     caplog.set_level(logging.INFO)
     assets = prepare_assets(spec, AssetCache(tmp_path / "cache"), CPU)
-    first = prepare_stage1_student(spec, assets, AssetCache(tmp_path / "cache"), CPU)
-    again = prepare_stage1_student(spec, assets, AssetCache(tmp_path / "cache"), CPU)
-    assert first == again and (first / "config.json").is_file()
+    again = prepare_assets(spec, AssetCache(tmp_path / "cache"), CPU)
+    first = assets.stage1_student
+    assert first is not None and first == again.stage1_student
+    assert (first / "config.json").is_file() and (first / "model.safetensors").is_file()
     losses = [r.getMessage() for r in caplog.records if "stage 1, epoch" in r.getMessage()]
     assert len(losses) == 2  # computed once: 2 epochs, not 4
     loss_values = [float(m.rsplit(" ", 1)[1]) for m in losses]
     assert loss_values[1] < loss_values[0]  # it learns
-    hparams = trial_hyperparameters(spec, {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1})
-    result = DistillationTrial(spec, assets, hparams, CPU, stage1_student=first).run()
+    params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
+    result = build_trial(spec, assets, params, CPU).run()
     assert 0 <= result.sigma < 1
+    # the same trial from the shared stage-1 student gives the same numbers again
+    assert build_trial(spec, assets, params, CPU).run().sigma == result.sigma
 
 
 def test_stage1_searched_runs_in_every_trial(tmp_path: Path, stage1_spec_text: str) -> None:
@@ -102,7 +161,8 @@ def test_stage1_searched_runs_in_every_trial(tmp_path: Path, stage1_spec_text: s
     stage1 = trial_stage1(spec, params)
     assert stage1 == Stage1Spec(epochs=2, learning_rate=5e-4)
     assets = prepare_assets(spec, AssetCache(tmp_path / "cache"), CPU)
-    hparams = trial_hyperparameters(spec, params)
-    result = DistillationTrial(spec, assets, hparams, CPU, stage1=stage1).run()
-    assert len(result.attrs["stage1_epoch_losses"]) == 2
+    assert assets.stage1_student is None  # stage 1 runs in each trial instead
+    result = build_trial(spec, assets, params, CPU).run()
+    assert result.outcome.stage1_epoch_losses is not None
+    assert len(result.outcome.stage1_epoch_losses) == 2
     assert 0 <= result.sigma < 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kdsearch.workers.metrics import (
     confidence_stats,
     expected_calibration_error,
@@ -13,8 +14,7 @@ from kdsearch.workers.metrics import (
     task_metrics,
 )
 from kdsearch.workers.predictions import read_predictions, write_predictions
-
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 REFERENCE = FIXTURES / "reference_predictions"
 

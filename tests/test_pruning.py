@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kdsearch.service.pruning import ProbePoint, pareto_prune, should_prune, threshold_prune
 from kdsearch.service.spec import PruningSpec, Thresholds
 

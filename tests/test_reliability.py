@@ -1,38 +1,35 @@
 """Never lose a trial: real worker processes on real PostgreSQL, killed, stopped, cut off.
 
-(a) three workers finish exactly the budget, each queued trial once; (b) kill -9 mid-trial:
-the trial is failed as stale and its re-run completes; (c) a PostgreSQL restart under two
-workers loses nothing; (d) SIGTERM leaves no RUNNING trial and exits 0; (e) resume;
-(g) a pruned trial keeps its probes, an infeasible finished trial is marked.
+Three workers finish exactly the budget, each queued trial once; kill -9 mid-trial: the
+trial is failed as stale and its re-run completes; a PostgreSQL restart under two workers
+loses nothing; SIGTERM leaves no RUNNING trial and exits 0; resume; a pruned trial keeps
+its probes, an infeasible finished trial is marked; a raising trial is retried.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
-from kdsearch.service.artifacts import ArtifactLocation
-from kdsearch.service.spec import StudySpec, load_spec
-from kdsearch.service.storage import open_storage
-from kdsearch.service.study import (
-    ATTEMPT_ATTR,
-    PROBES_ATTR,
-    RETRY_OF_ATTR,
-    RETRY_REASON_ATTR,
-    create_or_attach,
-    is_feasible,
-)
-from kdsearch.workers.worker import Worker, WorkerOptions
 from optuna.trial import FrozenTrial, TrialState
 
-from tests.conftest import ROOT, PrivatePostgres, tiny_spec_text, write_spec
+from kdsearch.service.record import TrialAttr, TrialRecord
+from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import create_or_attach
+from kdsearch.workers.worker import Worker, WorkerOptions
+from tests.helpers import (
+    PrivatePostgres,
+    finish,
+    start_worker,
+    tiny_spec_text,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,23 +70,6 @@ def epochs(default: int, low: int, high: int) -> dict[str, str]:
 SLOW = epochs(30, 1, 30)
 
 
-def start_worker(url: str, study: str, artifacts: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "kdsearch", "worker", "--study", study, "--storage", url,
-         "--artifacts", str(artifacts), "--threads", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 120, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def trials(url: str, name: str) -> list[FrozenTrial]:
     return optuna.load_study(study_name=name, storage=url).trials
 
@@ -100,7 +80,7 @@ def training(url: str, name: str, number: int = 0) -> bool:
     return (
         len(ts) > number
         and ts[number].state == TrialState.RUNNING
-        and bool(ts[number].user_attrs.get(PROBES_ATTR))
+        and bool(ts[number].user_attrs.get(TrialAttr.PROBES))
     )
 
 
@@ -114,13 +94,7 @@ def worker_in_first_trial(
     return worker
 
 
-def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[str]:
-    logs = [w.communicate(timeout=timeout)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0] * len(workers), "\n\n".join(logs)
-    return logs
-
-
-def test_a_three_workers_run_exactly_the_budget(
+def test_three_workers_run_exactly_the_budget(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue
 ) -> None:
     make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "three", n_trials="6")
@@ -138,7 +112,7 @@ def test_a_three_workers_run_exactly_the_budget(
     assert len({t.user_attrs["worker_pid"] for t in done}) >= 2  # the work was shared
 
 
-def test_b_kill_9_mid_trial_is_retried_with_the_same_hyperparameters(
+def test_kill_9_mid_trial_is_retried_with_the_same_hyperparameters(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue
 ) -> None:
     victim = worker_in_first_trial(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "killed", "2")
@@ -153,14 +127,14 @@ def test_b_kill_9_mid_trial_is_retried_with_the_same_hyperparameters(
     ts = trials(pg_url, "killed")
     assert ts[0].state == TrialState.FAIL
     retry = ts[1]
-    assert retry.user_attrs[RETRY_REASON_ATTR] == "worker died (heartbeat stale)"
+    assert retry.user_attrs[TrialAttr.RETRY_REASON] == "worker died (heartbeat stale)"
     assert retry.state == TrialState.COMPLETE and retry.params == ts[0].params
-    assert (retry.user_attrs[RETRY_OF_ATTR], retry.user_attrs[ATTEMPT_ATTR]) == (0, 1)
+    assert (retry.user_attrs[TrialAttr.RETRY_OF], retry.user_attrs[TrialAttr.ATTEMPT]) == (0, 1)
     assert sum(t.state == TrialState.COMPLETE for t in ts) == 2  # the budget, exactly
     assert len(ts) == 3
 
 
-def test_c_postgres_restart_loses_nothing(tmp_path, tiny_bert_dir, fixture_glue) -> None:
+def test_postgres_restart_loses_nothing(tmp_path, tiny_bert_dir, fixture_glue) -> None:
     server = PrivatePostgres()
     try:
         url = server.url
@@ -182,12 +156,12 @@ def test_c_postgres_restart_loses_nothing(tmp_path, tiny_bert_dir, fixture_glue)
         assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in ts)
         # any trial failed by the outage was re-run with the same hyperparameters
         for failed in (t for t in ts if t.state == TrialState.FAIL):
-            assert any(t.user_attrs.get(RETRY_OF_ATTR) == failed.number for t in ts)
+            assert any(t.user_attrs.get(TrialAttr.RETRY_OF) == failed.number for t in ts)
     finally:
         server.destroy()
 
 
-def test_d_e_sigterm_requeues_and_a_new_worker_resumes(
+def test_sigterm_requeues_and_a_new_worker_resumes(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue
 ) -> None:
     worker = worker_in_first_trial(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "stopped", "3")
@@ -199,9 +173,9 @@ def test_d_e_sigterm_requeues_and_a_new_worker_resumes(
     assert TrialState.RUNNING not in [t.state for t in ts]
     assert ts[0].state == TrialState.FAIL and "stopped" in ts[0].user_attrs["error"]
     assert ts[1].state == TrialState.WAITING and ts[1].system_attrs["fixed_params"] == ts[0].params
-    assert ts[1].user_attrs[ATTEMPT_ATTR] == 0  # a stop does not use up a retry
+    assert ts[1].user_attrs[TrialAttr.ATTEMPT] == 0  # a stop does not use up a retry
 
-    # (e) resume: a new worker continues the stopped study to its global budget
+    # resume: a new worker continues the stopped study to its global budget
     finish([start_worker(pg_url, "stopped", tmp_path / "art")])
     ts = trials(pg_url, "stopped")
     complete = [t for t in ts if t.state == TrialState.COMPLETE]
@@ -221,7 +195,7 @@ def test_d_e_sigterm_requeues_and_a_new_worker_resumes(
         ("4", [0.8, 1.0, 1.6]),
     ],
 )
-def test_g_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
+def test_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
     tmp_path, storage_url, tiny_bert_dir, fixture_glue, probe_every_steps, probed_at
 ) -> None:
     edits = {
@@ -243,22 +217,22 @@ def test_g_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
     optuna.load_study(study_name="pruned", storage=storage_url).enqueue_trial(
         {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
     )
-    options = WorkerOptions(storage_url, "pruned", ArtifactLocation(tmp_path / "art"), threads=1)
+    options = WorkerOptions(storage_url, "pruned", str(tmp_path / "art"), threads=1)
     assert Worker(options).run() == 0
     pruned, finished = trials(storage_url, "pruned")
     assert pruned.state == TrialState.PRUNED and pruned.values is None
     assert pruned.user_attrs["pruned_by"] == "threshold"
-    assert [p["epoch"] for p in pruned.user_attrs[PROBES_ATTR]] == pytest.approx(probed_at)
-    assert is_feasible(pruned) is False  # judged by its last probe
-    assert finished.state == TrialState.COMPLETE and is_feasible(finished) is False
+    assert [p["epoch"] for p in pruned.user_attrs[TrialAttr.PROBES]] == pytest.approx(probed_at)
+    assert TrialRecord.of(pruned).feasible is False  # judged by its last probe
+    assert finished.state == TrialState.COMPLETE and TrialRecord.of(finished).feasible is False
     assert finished.system_attrs["constraints"][0] == pytest.approx(finished.values[0] - 1e-9)
     # 1 epoch in batches of 16: 10 steps; with probes every 4 steps: 0.4, 0.8, then 1.0
     finished_at = [1] if probe_every_steps == "null" else [0.4, 0.8, 1.0]
-    assert [p["epoch"] for p in finished.user_attrs[PROBES_ATTR]] == pytest.approx(finished_at)
+    assert [p["epoch"] for p in finished.user_attrs[TrialAttr.PROBES]] == pytest.approx(finished_at)
     assert optuna.load_study(study_name="pruned", storage=storage_url).best_trials == []
 
 
-def test_a_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
+def test_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
     tmp_path, storage_url, tiny_bert_dir, fixture_glue
 ) -> None:
     edits = {"max_retries: 2": "max_retries: 1"}
@@ -266,7 +240,7 @@ def test_a_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
     # An enqueued value outside the schema: the trial's code raises (a data error).
     broken = {"learning_rate": 5.0, "batch_size": 16, "epochs": 1}
     optuna.load_study(study_name="raises", storage=storage_url).enqueue_trial(broken)
-    options = WorkerOptions(storage_url, "raises", ArtifactLocation(tmp_path / "art"), threads=1)
+    options = WorkerOptions(storage_url, "raises", str(tmp_path / "art"), threads=1)
     assert Worker(options).run() == 0
     ts = trials(storage_url, "raises")
     states = [t.state for t in ts]
@@ -274,6 +248,6 @@ def test_a_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
     first, retry = ts[1], ts[2]
     assert first.user_attrs["error"].startswith("ValidationError: 1 validation error")
     assert "learning_rate" in first.user_attrs["error"]
-    assert retry.params == first.params and retry.user_attrs[RETRY_OF_ATTR] == 1
-    assert retry.user_attrs[ATTEMPT_ATTR] == 1  # max_retries reached: not re-queued again
+    assert retry.params == first.params and retry.user_attrs[TrialAttr.RETRY_OF] == 1
+    assert retry.user_attrs[TrialAttr.ATTEMPT] == 1  # max_retries reached: not re-queued again
     assert retry.user_attrs["error"] == first.user_attrs["error"]

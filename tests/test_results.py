@@ -20,7 +20,10 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from kdsearch.service.artifacts import ArtifactLocation
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna_dashboard import get_note
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from kdsearch.service.report import summarize
 from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
@@ -28,12 +31,7 @@ from kdsearch.service.study import create_or_attach, load_stored_spec
 from kdsearch.workers.predictions import read_predictions
 from kdsearch.workers.progress import Progress
 from kdsearch.workers.worker import Worker, WorkerOptions
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
-from optuna_dashboard import get_note
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-from tests.conftest import ROOT, tiny_spec_text, write_spec
-from tests.test_cli import assert_clean_failure, kdsearch
+from tests.helpers import ROOT, assert_clean_failure, kdsearch, tiny_spec_text, write_spec
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -58,10 +56,7 @@ def finished(tmp_path_factory, postgres_server_url, tiny_bert_dir) -> dict:
     )
     spec = load_spec(write_spec(tmp / "r.yaml", text))
     create_or_attach(open_storage(url), spec)
-    assert (
-        Worker(WorkerOptions(url, "results", ArtifactLocation(tmp / "artifacts"), threads=1)).run()
-        == 0
-    )
+    assert Worker(WorkerOptions(url, "results", str(tmp / "artifacts"), threads=1)).run() == 0
     return {"url": url, "artifacts": tmp / "artifacts", "tmp": tmp}
 
 

@@ -22,25 +22,27 @@ from pathlib import Path
 import boto3
 import optuna
 import pytest
+from optuna.artifacts import download_artifact, upload_artifact
+from optuna.trial import TrialState
+
 from kdsearch.service.artifacts import (
     MANIFEST,
     ArtifactLocation,
     S3Bucket,
+    explicit_artifacts,
     open_artifact_store,
     resolve_artifacts,
     resolve_cache_dir,
 )
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.record import StudyAttr
 from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
 from kdsearch.workers.assets import AssetCache, open_asset_cache
 from kdsearch.workers.metrics import confidence_stats
 from kdsearch.workers.predictions import read_predictions
-from optuna.artifacts import download_artifact, upload_artifact
-from optuna.trial import TrialState
-
-from tests.conftest import ROOT, tiny_spec_text, write_spec
+from tests.helpers import ROOT, tiny_spec_text, write_spec
 
 
 def test_locations_resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -53,9 +55,11 @@ def test_locations_resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert (s3.bucket, s3.prefix, str(s3)) == ("team-bucket", "kd/run1", "s3://team-bucket/kd/run1")
     assert s3.key("optuna", "abc") == "kd/run1/optuna/abc"
     assert resolve_artifacts("s3://b").key("cache", "x") == "cache/x"
+    assert explicit_artifacts(None) is None  # nothing named: the study's, else the default
     monkeypatch.setenv("KDSEARCH_ARTIFACTS", "s3://from-env")
-    assert resolve_artifacts(None).bucket == "from-env"
-    assert resolve_artifacts("rel") == ArtifactLocation(folder=tmp_path / "rel")  # flag wins
+    assert resolve_artifacts(explicit_artifacts(None)).bucket == "from-env"
+    assert explicit_artifacts("rel") == "rel"  # the flag wins over the environment
+    assert resolve_artifacts("rel") == ArtifactLocation(folder=tmp_path / "rel")
     # The assets cache: beside a folder location (shared with it), local for S3.
     assert resolve_cache_dir(ArtifactLocation(folder=tmp_path / "a"), None) == tmp_path / "a/cache"
     assert resolve_cache_dir(s3, None) == tmp_path / "xdg" / "kdsearch"
@@ -141,9 +145,7 @@ def test_assets_are_built_once_and_fetched_on_other_machines(
     assert again == folders["m0"] and len(builds) == 1
 
 
-def test_a_lost_lock_still_leaves_one_published_copy(
-    s3_env: dict[str, str], tmp_path: Path
-) -> None:
+def test_lost_lock_still_leaves_one_published_copy(s3_env: dict[str, str], tmp_path: Path) -> None:
     """If two machines build at once (the lock died with a database restart), the first
     manifest wins and the second machine uses the first machine's files, not its own."""
     location = resolve_artifacts(f"s3://{s3_env['KDSEARCH_TEST_BUCKET']}")
@@ -163,7 +165,7 @@ def test_a_lost_lock_still_leaves_one_published_copy(
     assert not bucket.publish(folder, "sst2-x")  # published already: nothing overwritten
 
 
-def test_a_corrupted_object_is_refused(s3_env: dict[str, str], tmp_path: Path) -> None:
+def test_corrupted_object_is_refused(s3_env: dict[str, str], tmp_path: Path) -> None:
     bucket_name = s3_env["KDSEARCH_TEST_BUCKET"]
     bucket = S3Bucket(resolve_artifacts(f"s3://{bucket_name}/p"))
     (tmp_path / "built").mkdir()
@@ -192,9 +194,7 @@ def s3_study(
     return pg_url, tmp_path
 
 
-def test_a_bad_store_is_one_clear_message(
-    s3_env: dict[str, str], s3_study: tuple[str, Path]
-) -> None:
+def test_bad_store_is_one_clear_message(s3_env: dict[str, str], s3_study: tuple[str, Path]) -> None:
     pg_url, tmp_path = s3_study
     worker = ("worker", "--study", "s3", "--storage", pg_url, "--cache-dir", str(tmp_path / "c"))
     cases = {
@@ -207,16 +207,19 @@ def test_a_bad_store_is_one_clear_message(
     }
     for location, (env, message) in cases.items():
         result = _kdsearch(*worker, "--artifacts", location, env=env)
-        assert result.returncode == 2, result.stderr
+        # an unreachable store is exit 4; a location that is no location at all, bad input
+        assert result.returncode == (2 if location.startswith("gs:") else 4), result.stderr
         assert "Traceback" not in result.stderr and message in result.stderr, result.stderr
         assert "AWS_ENDPOINT_URL" in result.stderr or "gs://" in location
-    # Nothing was claimed or written to the study.
+    # Nothing was claimed or written to the study, not even the artifact location.
     study = optuna.load_study(study_name="s3", storage=pg_url)
     assert [t.state for t in study.trials] == [TrialState.WAITING]  # the enqueued baseline
+    assert StudyAttr.ARTIFACTS not in study.user_attrs
     # boto3 missing: the fix is named.
     code = (
         "import sys; sys.modules['boto3'] = None; from kdsearch.cli import main; "
-        f"sys.exit(main(['dashboard', '--storage', {pg_url!r}, '--artifacts', 's3://b']))"
+        f"sys.exit(main(['worker', '--study', 's3', '--storage', {pg_url!r}, "
+        "'--artifacts', 's3://b']))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
@@ -252,7 +255,7 @@ def test_workers_without_a_shared_filesystem_run_one_study(
     assert sum("fetching study assets from S3" in log for log in logs) == 1, logs
     (assets,) = {p.name for p in (tmp_path / "machine0").iterdir() if p.is_dir()}
     local = [_folder_bytes(tmp_path / f"machine{i}" / assets) for i in range(2)]
-    assert local[0] == local[1] and "assets.pt" in local[0]
+    assert local[0] == local[1] and "assets.safetensors" in local[0]
 
     study = optuna.load_study(study_name="s3", storage=pg_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from kdsearch.workers.score import score_files
 
-from tests.test_cli import assert_clean_failure, kdsearch
+from kdsearch.workers.score import score_files
+from tests.helpers import assert_clean_failure, kdsearch
 from tests.test_metrics import GOLDEN, REFERENCE
 
 

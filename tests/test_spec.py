@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from kdsearch.service.errors import SpecError
 from kdsearch.service.spec import StudySpec, load_spec, spec_from_dict
-
-from tests.conftest import ROOT, tiny_spec_text
+from tests.helpers import ROOT, tiny_spec_text
 
 SHIPPED = sorted((ROOT / "studies").rglob("*.yaml"))
 

@@ -7,25 +7,23 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
+
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.record import StudyAttr, TrialAttr, TrialRecord
 from kdsearch.service.spec import StudySpec, load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import (
-    BASELINE_ATTR,
     METRIC_NAMES,
-    SPEC_ATTR,
     Claim,
     build_sampler,
     claim_trial,
     create_or_attach,
-    is_feasible,
     load_stored_spec,
     trial_hyperparameters,
     worker_seed,
 )
-from optuna.trial import TrialState
-
-from tests.conftest import tiny_spec_text, write_spec
+from tests.helpers import tiny_spec_text, write_spec
 
 
 @pytest.fixture()
@@ -43,7 +41,7 @@ def test_create_stores_spec_metric_names_and_one_baseline(
     study = optuna.load_study(study_name="s1", storage=storage)
     assert study.metric_names == METRIC_NAMES
     assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
-    assert study.user_attrs[SPEC_ATTR] == spec.to_json_dict()
+    assert study.user_attrs[StudyAttr.SPEC] == spec.to_json_dict()
     assert load_stored_spec(storage, "s1") == spec
     waiting = study.get_trials(states=[TrialState.WAITING])
     assert len(study.trials) == 1 and len(waiting) == 1
@@ -51,7 +49,7 @@ def test_create_stores_spec_metric_names_and_one_baseline(
     assert waiting[0].system_attrs["fixed_params"] == {
         "learning_rate": 1e-3, "batch_size": 32, "epochs": 1,
     }  # fmt: skip
-    assert waiting[0].user_attrs[BASELINE_ATTR] is True
+    assert waiting[0].user_attrs[TrialAttr.BASELINE] is True
 
 
 def test_concurrent_creates_enqueue_the_baseline_once(pg_url: str, spec: StudySpec) -> None:
@@ -76,7 +74,8 @@ def test_create_with_a_different_spec_is_refused_and_names_the_difference(
     assert "n_trials: stored 3, given 9" in message
     assert "seed: stored 7, given 1" in message
     assert (
-        optuna.load_study(study_name="s1", storage=storage).user_attrs[SPEC_ATTR]["n_trials"] == 3
+        optuna.load_study(study_name="s1", storage=storage).user_attrs[StudyAttr.SPEC]["n_trials"]
+        == 3
     )
 
 
@@ -134,7 +133,7 @@ def test_constraints_mark_feasibility(storage_url: str, spec: StudySpec) -> None
         trial.set_user_attr("sigma", sigma)
         trial.set_user_attr("accuracy_drop", drop)
         study.tell(trial, [sigma, drop])
-        outcomes.append(is_feasible(study.trials[trial.number]))
+        outcomes.append(TrialRecord.of(study.trials[trial.number]).feasible)
     assert outcomes == [True, False, False]
     assert study.trials[1].system_attrs["constraints"] == pytest.approx([0.03, -0.01])
     # best_trials keeps only feasible Pareto-optimal trials
@@ -159,4 +158,4 @@ def test_every_sampler_records_feasibility(tmp_path: Path, spec: StudySpec, samp
         trial.set_user_attr("sigma", sigma)
         trial.set_user_attr("accuracy_drop", 0.0)
         study.tell(trial, [sigma, 0.0])
-    assert [is_feasible(t) for t in study.trials] == [True, False]
+    assert [TrialRecord.of(t).feasible for t in study.trials] == [True, False]

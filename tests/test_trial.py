@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kdsearch.service.spec import StudySpec, load_spec
-from kdsearch.service.study import trial_hyperparameters
-from kdsearch.workers.assets import AssetCache, StudyAssets, prepare_assets
-from kdsearch.workers.distill import predict_logits
-from kdsearch.workers.models import load_teacher
-from kdsearch.workers.trial import DistillationTrial
 
-from tests.conftest import tiny_spec_text, write_spec
+from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.workers.assets import AssetCache, StudyAssets, load_study_teacher, prepare_assets
+from kdsearch.workers.inference import predict_logits
+from kdsearch.workers.trial import build_trial
+from tests.helpers import tiny_spec_text, write_spec
 
 CPU = torch.device("cpu")
 
@@ -60,39 +58,36 @@ def test_teacher_fine_tuning_learns_the_task(assets: StudyAssets) -> None:
 
 
 def test_same_trial_same_numbers(spec: StudySpec, assets: StudyAssets) -> None:
-    hparams = trial_hyperparameters(spec, {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2})
-    first = DistillationTrial(spec, assets, hparams, CPU).run()
-    second = DistillationTrial(spec, assets, hparams, CPU).run()
+    params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2}
+    first = build_trial(spec, assets, params, CPU).run()
+    second = build_trial(spec, assets, params, CPU).run()
     assert first.sigma == second.sigma
     assert first.accuracy_drop == second.accuracy_drop
     np.testing.assert_array_equal(first.student_probs_train, second.student_probs_train)
-    assert first.attrs["epoch_losses"] == second.attrs["epoch_losses"]
-    assert len(first.attrs["epoch_losses"]) == 2
+    assert first.outcome.epoch_losses == second.outcome.epoch_losses
+    assert len(first.outcome.epoch_losses) == 2
     # a different learning rate gives a different student
-    other = DistillationTrial(
-        spec, assets, hparams.model_copy(update={"learning_rate": 1e-4}), CPU
-    ).run()
+    other = build_trial(spec, assets, {**params, "learning_rate": 1e-4}, CPU).run()
     assert other.sigma != first.sigma
 
 
 def test_recorded_figures_are_consistent(spec: StudySpec, assets: StudyAssets) -> None:
-    hparams = trial_hyperparameters(spec, {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1})
-    result = DistillationTrial(spec, assets, hparams, CPU).run()
-    a = result.attrs
-    assert a["sigma"] == a["train_sigma"] == result.sigma
-    assert a["accuracy_drop"] == pytest.approx(
-        a["teacher_dev_accuracy"] - a["student_dev_accuracy"]
-    )
-    assert a["train_n_total"] == 160 and 0 < a["train_n_kept"] <= 160
-    assert a["dev_n_total"] == 64
-    assert a["train_mean_abs_delta"] <= a["train_rms_delta"]
-    for key in ("teacher_train_ece", "student_train_ece", "teacher_dev_ece", "student_dev_ece"):
-        assert 0 <= a[key] <= 1
-    assert a["wall_time_s"] > 0
+    params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
+    o = build_trial(spec, assets, params, CPU).run().outcome
+    assert o.sigma == o.train_sigma
+    assert o.accuracy_drop == pytest.approx(o.teacher_dev_accuracy - o.student_dev_accuracy)
+    assert o.train_n_total == 160 and 0 < o.train_n_kept <= 160
+    assert o.dev_n_total == 64
+    assert o.train_mean_abs_delta <= o.train_rms_delta
+    for ece in (o.teacher_train_ece, o.student_train_ece, o.teacher_dev_ece, o.student_dev_ece):
+        assert 0 <= ece <= 1
+    assert o.wall_time_s > 0
+    assert o.teacher_dev_f1 is None and o.teacher_dev_mcc is None  # SST-2: accuracy only
+    assert set(o.attrs()) <= o.KEYS and "teacher_dev_f1" not in o.attrs()
 
 
 def test_evaluation_does_not_depend_on_batch_size(assets: StudyAssets, spec: StudySpec) -> None:
-    teacher = load_teacher(str(assets.folder / "teacher"), 2)
+    teacher = load_study_teacher(spec, assets)
     one = predict_logits(teacher, assets.dev, 1, CPU, assets.pad_id)
     many = predict_logits(teacher, assets.dev, 64, CPU, assets.pad_id)
     torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-5)

@@ -1,41 +1,58 @@
 """Study assets, prepared once per study and reused by every trial and worker.
 
-Tokenised train/dev splits, the (optionally fine-tuned) teacher's logits on both, and
-its predictions in the paper's CSV format. The first worker to need them computes them
-under a lock; the others wait and load the result (from a shared folder, or fetched
-from S3 into their machine's cache). The cache key covers everything
-the assets depend on (teacher, fine-tuning, data contents, task, max_seq_length, seed),
-so a change computes new assets instead of reusing stale ones.
+Tokenised train/dev splits, the (optionally fine-tuned) teacher and its logits on both
+splits, its predictions in the paper's CSV format, and (when the spec runs stage 1 with
+fixed settings) the stage-1 student. The first worker to need them computes them under a
+lock; the others wait and load the result (from a shared folder, or fetched from S3 into
+their machine's cache). The cache key covers everything the assets depend on (teacher,
+fine-tuning, data contents, task, max_seq_length, seed), so a change computes new assets
+instead of reusing stale ones.
+
+Nothing executable is ever read from the cache, which other machines write: arrays are
+safetensors, figures JSON, models ``model.safetensors`` loaded with ``use_safetensors``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import optuna
 import torch
-from kdsearch.service.artifacts import ArtifactLocation, S3Bucket
-from kdsearch.service.spec import Stage1Spec, StudySpec
-from kdsearch.service.storage import assets_lock, file_lock
-from kdsearch.workers.data import NUM_LABELS, data_fingerprint, load_split
-from kdsearch.workers.distill import Encoded, encode, fit, predict_logits
-from kdsearch.workers.intermediate import distill_intermediate
-from kdsearch.workers.metrics import task_metrics
-from kdsearch.workers.models import load_student, load_teacher, load_tokenizer
-from kdsearch.workers.predictions import write_predictions
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kdsearch.service.artifacts import ArtifactLocation, S3Bucket
+from kdsearch.service.errors import InfrastructureError, first_line
+from kdsearch.service.hashing import stable_hash
+from kdsearch.service.spec import Stage1Spec, StudySpec
+from kdsearch.service.storage import assets_lock, file_lock
+from kdsearch.workers.batching import Encoded, encode
+from kdsearch.workers.data import NUM_LABELS, data_fingerprint, load_split
+from kdsearch.workers.inference import predict_logits, probabilities
+from kdsearch.workers.intermediate import (
+    SCORES_ATTENTION,
+    IntermediateDistillation,
+    trained_fit_dense,
+)
+from kdsearch.workers.metrics import accuracy, task_metrics
+from kdsearch.workers.models import load_model, load_student, load_tokenizer, resolve_model_ref
+from kdsearch.workers.predictions import write_predictions
+from kdsearch.workers.training import LabelCrossEntropy, LoopSettings, fit
+
 logger = logging.getLogger(__name__)
+
+_TENSORS = "assets.safetensors"
+_FIGURES = "assets.json"
+FORMAT_VERSION = 3  # bump when the saved format changes
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,7 @@ class StudyAssets:
     teacher_train_accuracy: float
     pad_id: int
     folder: Path
+    stage1_student: Path | None = None  # the study's shared stage-1 student, if any
 
     @property
     def teacher_dev_accuracy(self) -> float:
@@ -56,23 +74,24 @@ class StudyAssets:
     @functools.cached_property
     def teacher_probs_train(self) -> np.ndarray:
         """(N_train, C) softmax at T = 1, computed once per process, not per trial."""
-        return torch.softmax(self.teacher_logits_train, -1).numpy()
+        return probabilities(self.teacher_logits_train)
 
     @functools.cached_property
     def teacher_probs_dev(self) -> np.ndarray:
-        return torch.softmax(self.teacher_logits_dev, -1).numpy()
+        return probabilities(self.teacher_logits_dev)
 
 
 def assets_key(spec: StudySpec) -> str:
-    parts = {
-        "teacher": spec.teacher.model_dump(mode="json"),
-        "data": data_fingerprint(spec.data, spec.task),
-        "task": spec.task,
-        "max_seq_length": spec.max_seq_length,
-        "seed": spec.seed,
-        "version": 2,  # bump when the saved format changes
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return stable_hash(
+        {
+            "teacher": spec.teacher.model_dump(mode="json"),
+            "data": data_fingerprint(spec.data, spec.task),
+            "task": spec.task,
+            "max_seq_length": spec.max_seq_length,
+            "seed": spec.seed,
+            "version": FORMAT_VERSION,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -94,21 +113,25 @@ class AssetCache:
         needs it while the others wait, then published atomically: no reader ever sees
         half a folder, and every trial on every machine sees the same bytes."""
         folder = self.local / name
-        with file_lock(folder.with_suffix(".lock")):  # processes of this machine
-            if folder.is_dir():
-                logger.info("reusing %s from %s", what, folder)
-                return folder
-            tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if self.shared is None:
-                logger.info("preparing %s in %s (once per study)", what, folder)
-                build(tmp)
-            else:
-                assert self.lock is not None
-                with self.lock(name):  # machines
-                    self._fetch_or_build(name, what, tmp, build)
-            os.replace(tmp, folder)
+        try:
+            with file_lock(folder.with_suffix(".lock")):  # processes of this machine
+                if folder.is_dir():
+                    logger.info("reusing %s from %s", what, folder)
+                    return folder
+                with _scratch(folder) as tmp:
+                    if self.shared is None:
+                        logger.info("preparing %s in %s (once per study)", what, folder)
+                        build(tmp)
+                    else:
+                        assert self.lock is not None
+                        with self.lock(name):  # machines
+                            self._fetch_or_build(name, what, tmp, build)
+                    os.replace(tmp, folder)
+        except OSError as exc:  # a read-only, full or missing cache folder
+            raise InfrastructureError(
+                f"cannot write the asset cache {str(self.local)!r}: {first_line(exc)}. Give a "
+                "writable folder (--cache-dir or $KDSEARCH_CACHE, or --artifacts)"
+            ) from None
         return folder
 
     def _fetch_or_build(
@@ -126,6 +149,24 @@ class AssetCache:
             tmp.mkdir()
         logger.info("fetching %s from S3", what)
         self.shared.fetch(name, tmp)
+
+
+@contextmanager
+def _scratch(folder: Path) -> Iterator[Path]:
+    """A fresh ``<folder>.tmp-<pid>`` to build in, removed if the build does not finish
+    (an error, a stop signal); leftovers of dead processes are removed first."""
+    for stale in folder.parent.glob(f"{folder.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def open_asset_cache(
@@ -149,13 +190,48 @@ def prepare_assets(spec: StudySpec, cache: AssetCache, device: torch.device) -> 
         "study assets",
         lambda tmp: _compute_assets(spec, tmp, device),
     )
-    saved = torch.load(folder / "assets.pt", weights_only=False)
-    return StudyAssets(folder=folder, **saved)
+    assets = _load_assets(folder)
+    if spec.stage1 is not None and not spec.stage1_per_trial:
+        stage1 = _prepare_stage1_student(spec, assets, cache, device)
+        assets = StudyAssets(**{**vars(assets), "stage1_student": stage1})
+    return assets
+
+
+def _load_assets(folder: Path) -> StudyAssets:
+    try:
+        tensors = load_file(folder / _TENSORS)
+        figures = json.loads((folder / _FIGURES).read_text())
+    except Exception as exc:  # truncated or tampered files: refuse, never guess
+        raise InfrastructureError(
+            f"the study assets in {str(folder)!r} cannot be read ({first_line(exc)}); delete "
+            "that folder so that the next worker rebuilds it"
+        ) from None
+    return StudyAssets(
+        train=Encoded.from_tensors(tensors, "train"),
+        dev=Encoded.from_tensors(tensors, "dev"),
+        teacher_logits_train=tensors["teacher_logits.train"],
+        teacher_logits_dev=tensors["teacher_logits.dev"],
+        teacher_metrics=figures["teacher_metrics"],
+        teacher_train_accuracy=figures["teacher_train_accuracy"],
+        pad_id=int(figures["pad_id"]),
+        folder=folder,
+    )
 
 
 def teacher_ref(spec: StudySpec, assets: StudyAssets) -> str:
     """The teacher the trials distil from: the fine-tuned copy when there is one."""
     return str(assets.folder / "teacher") if spec.teacher.finetune else spec.teacher.model
+
+
+def load_study_teacher(
+    spec: StudySpec, assets: StudyAssets, attention: str | None = None
+) -> PreTrainedModel:
+    """The study's teacher: the fine-tuned copy in the cache (safetensors only, as written
+    there by kdsearch), else the spec's model."""
+    fine_tuned = spec.teacher.finetune is not None
+    return load_model(
+        teacher_ref(spec, assets), "teacher", NUM_LABELS, attention, safetensors_only=fine_tuned
+    )
 
 
 def run_stage1(
@@ -164,30 +240,52 @@ def run_stage1(
     student: PreTrainedModel,
     settings: Stage1Spec,
     device: torch.device,
+    seed: int,
 ) -> list[float]:
-    """TinyBERT stage 1 on ``student`` (in place) against the study's teacher."""
-    teacher = load_teacher(teacher_ref(spec, assets), NUM_LABELS, eager=True)
-    return distill_intermediate(
-        student, teacher, assets.train, settings, device, seed=spec.seed, pad_id=assets.pad_id
+    """TinyBERT stage 1 on ``student`` (in place, loaded with ``SCORES_ATTENTION``)
+    against the study's teacher; returns the mean loss of each epoch."""
+    teacher = load_study_teacher(spec, assets, attention=SCORES_ATTENTION)
+    objective = IntermediateDistillation(student, teacher)
+    checkpoint = resolve_model_ref(spec.student.model) if spec.student.model else None
+    if checkpoint is not None and (fit_dense := trained_fit_dense(checkpoint)):
+        objective.loss.fit_dense.load_state_dict(fit_dense)
+        logger.info("stage 1 starts from the checkpoint's trained fit_dense")
+    else:
+        torch.manual_seed(seed)  # a new fit_dense, initialised from the trial's seed
+        objective.loss.fit_dense.reset_parameters()
+    loop = LoopSettings(
+        learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size,
+        epochs=settings.epochs,
+        weight_decay=settings.weight_decay,
+        schedule="constant",
     )
+    losses = fit(
+        student, assets.train, objective, loop, device, seed, assets.pad_id, label="stage 1"
+    )
+    student.set_attn_implementation("sdpa")  # stage 2 needs no scores: the fast kernel
+    return losses
 
 
-def prepare_stage1_student(
+def _prepare_stage1_student(
     spec: StudySpec, assets: StudyAssets, cache: AssetCache, device: torch.device
 ) -> Path:
     """The study's stage-1 student, distilled once (fixed stage-1 settings) and shared."""
     assert spec.stage1 is not None
-    parts = {
-        "assets": assets.folder.name,
-        "student": spec.student.model_dump(mode="json"),
-        "stage1": spec.stage1.model_dump(),
-        "seed": spec.seed,
-    }
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    key = stable_hash(
+        {
+            "assets": assets.folder.name,
+            "student": spec.student.model_dump(mode="json"),
+            "stage1": spec.stage1.model_dump(),
+            "seed": spec.seed,
+        }
+    )
 
     def build(tmp: Path) -> None:
-        student = load_student(spec.student, spec.teacher.model, NUM_LABELS, spec.seed, eager=True)
-        run_stage1(spec, assets, student, spec.stage1, device)  # type: ignore[arg-type]
+        student = load_student(
+            spec.student, spec.teacher.model, NUM_LABELS, spec.seed, attention=SCORES_ATTENTION
+        )
+        run_stage1(spec, assets, student, spec.stage1, device, spec.seed)  # type: ignore[arg-type]
         student.save_pretrained(tmp)
 
     return cache.folder(f"stage1-{key}", "the stage-1 student", build)
@@ -201,47 +299,55 @@ def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None
     dev = encode(tokenizer, dev_split, spec.max_seq_length)
     pad_id = _pad_id(tokenizer)
 
-    teacher = load_teacher(spec.teacher.model, NUM_LABELS)
+    # Seeded before the teacher exists: its new classifier head is drawn here, so two
+    # builds of the same key (a rebuilt cache) give the same teacher.
+    torch.manual_seed(spec.seed)
+    teacher = load_model(spec.teacher.model, "teacher", NUM_LABELS)
     if spec.teacher.finetune is not None:
         logger.info("fine-tuning the teacher on %d train rows", len(train))
-        torch.manual_seed(spec.seed)
-        fit(
-            teacher,
-            train,
-            train.labels,
-            torch.nn.CrossEntropyLoss(),
-            spec.teacher.finetune,
-            device,
-            seed=spec.seed,
-            pad_id=pad_id,
-            label="teacher fine-tuning",
+        settings = spec.teacher.finetune
+        loop = LoopSettings(
+            learning_rate=settings.learning_rate,
+            batch_size=settings.batch_size,
+            epochs=settings.epochs,
+            weight_decay=settings.weight_decay,
+            warmup_proportion=settings.warmup_proportion,
         )
-        teacher.save_pretrained(folder / "teacher")
+        objective = LabelCrossEntropy(train.labels)
+        fit(teacher, train, objective, loop, device, spec.seed, pad_id, label="teacher fine-tuning")
+        teacher.save_pretrained(folder / "teacher")  # model.safetensors
         tokenizer.save_pretrained(folder / "teacher")
     # Teacher logits are fixed during distillation: computed once here, never per step.
-    logits_train = predict_logits(teacher, train, spec.eval_batch_size, device, pad_id)
-    logits_dev = predict_logits(teacher, dev, spec.eval_batch_size, device, pad_id)
-    probs_train = torch.softmax(logits_train, -1).numpy()
-    probs_dev = torch.softmax(logits_dev, -1).numpy()
+    logits_train = predict_logits(
+        teacher, train, spec.eval_batch_size, device, pad_id, label="teacher on train"
+    )
+    logits_dev = predict_logits(
+        teacher, dev, spec.eval_batch_size, device, pad_id, label="teacher on dev"
+    )
+    probs_train, probs_dev = probabilities(logits_train), probabilities(logits_dev)
     write_predictions(folder / "teacher_train.csv", probs_train, train.labels.numpy())
     write_predictions(folder / "teacher_dev.csv", probs_dev, dev.labels.numpy())
     dev_metrics = task_metrics(spec.task, probs_dev, dev.labels.numpy())
-    train_accuracy = float(np.mean(probs_train.argmax(1) == train.labels.numpy()))
+    train_accuracy = accuracy(probs_train, train.labels.numpy())
     logger.info(
         "teacher: train accuracy %.4f, dev accuracy %.4f", train_accuracy, dev_metrics["accuracy"]
     )
-    torch.save(
+    save_file(
         {
-            "train": train,
-            "dev": dev,
-            "teacher_logits_train": logits_train,
-            "teacher_logits_dev": logits_dev,
-            "teacher_metrics": dev_metrics,
-            "teacher_train_accuracy": train_accuracy,
-            "pad_id": pad_id,
+            **train.to_tensors("train"),
+            **dev.to_tensors("dev"),
+            "teacher_logits.train": logits_train.contiguous(),
+            "teacher_logits.dev": logits_dev.contiguous(),
         },
-        folder / "assets.pt",
+        folder / _TENSORS,
     )
+    figures = {
+        "teacher_metrics": dev_metrics,
+        "teacher_train_accuracy": train_accuracy,
+        "pad_id": pad_id,
+        "version": FORMAT_VERSION,
+    }
+    (folder / _FIGURES).write_text(json.dumps(figures, indent=1))
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -46,3 +46,28 @@ def peak_memory(device: torch.device, into: dict[str, float]) -> Iterator[None]:
         yield
     finally:
         into["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (a GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    from kdsearch.service.errors import KdsearchError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KdsearchError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise KdsearchError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KdsearchError(f"--device {name!r} asked for CUDA, but no GPU is visible; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KdsearchError(
+                f"--device {name!r}: only {torch.cuda.device_count()} GPUs are visible; "
+                "use cuda:0 .. cuda:N-1"
+            )
+    return device

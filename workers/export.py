@@ -19,21 +19,18 @@ from typing import Any
 
 import optuna
 import torch
-from kdsearch.service.artifacts import ArtifactLocation, resolve_cache_dir
+from optuna.trial import TrialState
+
+from kdsearch.service.artifacts import resolve_cache_dir
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.record import TrialRecord
 from kdsearch.service.report import best_feasible
 from kdsearch.service.storage import open_storage
-from kdsearch.service.study import load_stored_spec, trial_hyperparameters, trial_stage1
-from kdsearch.workers.assets import (
-    open_asset_cache,
-    prepare_assets,
-    prepare_stage1_student,
-    teacher_ref,
-)
+from kdsearch.service.study import load_stored_spec, study_artifacts
+from kdsearch.workers.assets import open_asset_cache, prepare_assets, teacher_ref
+from kdsearch.workers.device import pick_device
 from kdsearch.workers.models import load_tokenizer
-from kdsearch.workers.trial import DistillationTrial
-from kdsearch.workers.worker import pick_device
-from optuna.trial import TrialState
+from kdsearch.workers.trial import build_trial
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +42,17 @@ def export_student(
     storage_url: str,
     study_name: str,
     out_dir: Path,
-    artifacts: ArtifactLocation,
+    artifacts: str | None,
     cache_dir: Path | None = None,
     trial_number: int | None = None,
     device_name: str = "auto",
 ) -> dict[str, Any]:
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise KdsearchError(f"--out {str(out_dir)!r} is not empty; give a new or empty folder")
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, create=False)
     spec = load_stored_spec(storage, study_name)
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    trials = study.get_trials(deepcopy=False)
+    trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
     if trial_number is None:
         trial = best_feasible(trials)
         if trial is None:
@@ -65,23 +62,17 @@ def export_student(
             )
     else:
         trial = next((t for t in trials if t.number == trial_number), None)
-        if trial is None or trial.state != TrialState.COMPLETE:
+        if trial is None or trial.state != TrialState.COMPLETE or trial.values is None:
             state = "does not exist" if trial is None else f"is {trial.state.name}"
             raise KdsearchError(
                 f"trial {trial_number} of {study_name!r} {state}; export a COMPLETE trial"
             )
     device = pick_device(device_name)
-    cache = open_asset_cache(artifacts, resolve_cache_dir(artifacts, cache_dir), storage)
+    location = study_artifacts(storage, spec.name, artifacts)
+    cache = open_asset_cache(location, resolve_cache_dir(location, cache_dir), storage)
     assets = prepare_assets(spec, cache, device)
-    stage1_student = None
-    if spec.stage1 is not None and not spec.stage1_per_trial:
-        stage1_student = prepare_stage1_student(spec, assets, cache, device)
-    hparams = trial_hyperparameters(spec, trial.params)
     logger.info("re-training trial %d of %s to export its student", trial.number, spec.name)
-    job = DistillationTrial(
-        spec, assets, hparams, device,
-        stage1=trial_stage1(spec, trial.params), stage1_student=stage1_student,
-    )  # fmt: skip
+    job = build_trial(spec, assets, trial.params, device)
     result = job.run(keep_student=True)
     try:
         assert job.student is not None
@@ -92,19 +83,22 @@ def export_student(
         job.cleanup()
     recorded_sigma, recorded_drop = trial.values
     difference = abs(result.sigma - recorded_sigma)
+    outcome = result.outcome
     card = {
         "study": spec.name,
         "trial": trial.number,
         "task": spec.task,
         "teacher": spec.teacher.model,
         "params": trial.params,
-        "hyperparameters": hparams.model_dump(),
-        "seed": spec.seed,
+        "hyperparameters": job.hparams.model_dump(),
+        "seed": job.seed,
         "thresholds": spec.thresholds.model_dump(),
         "recorded": {"sigma": recorded_sigma, "accuracy_drop": recorded_drop},
         "reproduced": {
-            key: result.attrs[key]
-            for key in ("sigma", "accuracy_drop", "student_dev_accuracy", "teacher_dev_accuracy")
+            "sigma": outcome.sigma,
+            "accuracy_drop": outcome.accuracy_drop,
+            "student_dev_accuracy": outcome.student_dev_accuracy,
+            "teacher_dev_accuracy": outcome.teacher_dev_accuracy,
         },
         "reproduced_within_tolerance": difference <= REPRODUCTION_TOLERANCE,
         "device": str(device),

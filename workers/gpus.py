@@ -11,11 +11,13 @@ GPU (plain ``count: 1`` would give every replica the same one, docker/compose#11
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -80,3 +82,21 @@ def pin_process_to(claim: GpuClaim) -> None:
     """Make the claimed GPU the only one this process sees (it becomes cuda:0)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = claim.gpu
     logger.info("claimed GPU %s (slot %d)", claim.gpu, claim.slot)
+
+
+@contextlib.contextmanager
+def worker_device(gpu: str, device: str, lock_dir: Path, slots_per_gpu: int) -> Iterator[str]:
+    """The device a worker runs on. ``gpu`` ``auto`` claims a free GPU slot of this machine
+    for the life of the block (call before torch initialises CUDA) and gives ``cuda``;
+    ``none`` gives ``device`` as asked."""
+    if gpu == "none":
+        yield device
+        return
+    if gpu != "auto":
+        raise KdsearchError(f"--gpu {gpu!r} is not allowed; use auto or none")
+    claim = claim_gpu(visible_gpus(), lock_dir, slots_per_gpu)
+    try:
+        pin_process_to(claim)
+        yield "cuda"
+    finally:
+        claim.release()

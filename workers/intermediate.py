@@ -3,31 +3,64 @@
 Student layer i (1-based) learns from teacher layer ``i * k`` with ``k = L_t / L_s``
 (hidden states; index 0 is the embedding output) and its attention from teacher layer
 ``i * k`` as well (TinyBERT's ``i*lpb + lpb - 1`` in 0-based layer numbers). Hidden states
-go through a learned projection ``fit_dense`` (H_s -> H_t), trained with the student and
-dropped afterwards. Loss = attention MSE + hidden-state MSE, constant learning rate, no
-warmup (TinyBERT's stage-1 schedule ``none``).
+go through a projection ``fit_dense`` (H_s -> H_t), trained with the student (and started
+from the checkpoint's trained ``fit_dense`` when it has one, as TinyBERT's general
+checkpoints do). Loss = attention MSE + hidden-state MSE, each summed over the mapped
+layers; constant learning rate, no warmup (TinyBERT's stage-1 schedule ``none``).
 
-Choice: ``transformers`` returns attention *probabilities*, not TinyBERT's pre-softmax
-scores, so the attention term is the MSE between probabilities, over real (unpadded)
-query/key pairs only. Probabilities are bounded and need no -100 masking trick; the
-term is smaller in scale than TinyBERT's, which the sum with the hidden-state term
-tolerates (both are MSEs of O(1e-2)).
+As TinyBERT, the attention term compares **raw attention scores** (``QK^T / sqrt(d)`` plus
+the mask), with masked positions (<= -100) set to 0, and the compared maps are taken
+before softmax and dropout: ``SCORES_ATTENTION`` is an attention implementation that
+returns the scores instead of the (dropped-out) probabilities transformers returns.
+
+Where it still differs from TinyBERT (documented in docs/paper-reproduction.md): both
+MSEs average over the real tokens of each batch (dynamic padding) where TinyBERT averages
+over max_seq_length positions, padded ones included; the teacher runs in eval mode
+(TinyBERT leaves its dropout on).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from kdsearch.service.spec import Stage1Spec
-from kdsearch.workers.device import to_device
-from kdsearch.workers.distill import Encoded, collate, length_grouped_batches, param_groups
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 logger = logging.getLogger(__name__)
+
+SCORES_ATTENTION = "kdsearch_scores"
+# TinyBERT: student_att = torch.where(student_att <= -1e2, 0, student_att)
+_MASKED = -1e2
+
+
+def _scores_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, heads, T, d)
+    key: torch.Tensor,  # (B, heads, T, d)
+    value: torch.Tensor,  # (B, heads, T, d)
+    attention_mask: torch.Tensor | None,  # (B, 1, T, T) additive, dtype min where masked
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention that returns the raw (pre-softmax, masked) scores as its weights."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, T, T)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, heads, d)
+    return output, scores
+
+
+AttentionInterface.register(SCORES_ATTENTION, _scores_attention)
+AttentionMaskInterface.register(SCORES_ATTENTION, eager_mask)
 
 
 @dataclass(frozen=True)
@@ -58,7 +91,7 @@ class LayerMap:
 
 
 class IntermediateLoss(nn.Module):
-    """Attention MSE + hidden-state MSE through the learned projection ``fit_dense``."""
+    """Attention-score MSE + hidden-state MSE through the projection ``fit_dense``."""
 
     def __init__(self, layer_map: LayerMap, student_hidden: int, teacher_hidden: int) -> None:
         super().__init__()
@@ -69,77 +102,82 @@ class IntermediateLoss(nn.Module):
         self,
         student_hidden: tuple[torch.Tensor, ...],  # L_s + 1 of (B, T, H_s)
         teacher_hidden: tuple[torch.Tensor, ...],  # L_t + 1 of (B, T, H_t)
-        student_attn: tuple[torch.Tensor, ...],  # L_s of (B, heads, T, T)
-        teacher_attn: tuple[torch.Tensor, ...],  # L_t of (B, heads, T, T)
+        student_scores: tuple[torch.Tensor, ...],  # L_s of (B, heads, T, T), raw scores
+        teacher_scores: tuple[torch.Tensor, ...],  # L_t of (B, heads, T, T), raw scores
         attention_mask: torch.Tensor,  # (B, T), 1 = real token
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (attention loss, hidden-state loss); the caller sums them."""
         tokens = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
         n_tokens = tokens.sum()
-        rep = sum(
-            (((self.fit_dense(student_hidden[s]) - teacher_hidden[t]) ** 2) * tokens).sum()
-            / (n_tokens * teacher_hidden[t].shape[-1])
-            for s, t in self.layer_map.hidden()
-        )
-        pairs = tokens * attention_mask.unsqueeze(1).float()  # (B, T, T): real query x key
-        pairs = pairs.unsqueeze(1)  # (B, 1, T, T)
+        rep = torch.zeros((), device=attention_mask.device)
+        for s, t in self.layer_map.hidden():
+            diff = (self.fit_dense(student_hidden[s].float()) - teacher_hidden[t].float()) ** 2
+            rep = rep + (diff * tokens).sum() / (n_tokens * teacher_hidden[t].shape[-1])
+        queries = tokens.unsqueeze(1)  # (B, 1, T, 1): real query rows, every key column
         att = torch.zeros((), device=attention_mask.device)
         for s, t in self.layer_map.attention():
-            if student_attn[s].shape[1] != teacher_attn[t].shape[1]:
+            student, teacher = student_scores[s].float(), teacher_scores[t].float()
+            if student.shape[1] != teacher.shape[1]:
                 continue  # different head counts: no head-to-head attention target
-            diff = (student_attn[s] - teacher_attn[t]) ** 2 * pairs
-            att = att + diff.sum() / (pairs.sum() * student_attn[s].shape[1])
-        return att, rep  # type: ignore[return-value]
+            student = torch.where(student <= _MASKED, torch.zeros_like(student), student)
+            teacher = torch.where(teacher <= _MASKED, torch.zeros_like(teacher), teacher)
+            n = n_tokens * student.shape[1] * student.shape[-1]
+            att = att + ((student - teacher) ** 2 * queries).sum() / n
+        return att, rep
 
 
-def distill_intermediate(
-    student: PreTrainedModel,
-    teacher: PreTrainedModel,
-    data: Encoded,
-    settings: Stage1Spec,
-    device: torch.device,
-    seed: int,
-    pad_id: int,
-) -> list[float]:
-    """Train the student's embeddings and layers to imitate the teacher's (in place).
-    Returns the mean loss of each epoch. Both models need eager attention (so that they
-    return attention probabilities)."""
-    layer_map = LayerMap(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    loss_fn = IntermediateLoss(layer_map, student.config.hidden_size, teacher.config.hidden_size)
-    student.to(device).train()
-    teacher.to(device).eval()
-    loss_fn.to(device)
-    torch.manual_seed(seed)  # fit_dense's initial weights
-    optimizer = torch.optim.AdamW(
-        [*param_groups(student, settings.weight_decay), {"params": loss_fn.parameters()}],
-        lr=settings.learning_rate,
-        eps=1e-6,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    lengths = [len(ids) for ids in data.input_ids]
-    losses = []
-    for epoch in range(settings.epochs):
-        total = torch.zeros((), device=device)
-        batches = length_grouped_batches(lengths, settings.batch_size, generator)
-        for index in batches:
-            batch = to_device(collate(data, index, pad_id), device)
-            with torch.no_grad():
-                # The teacher's hidden states are needed every step (they are large,
-                # so unlike stage 2's logits they are not cached).
-                t_out = teacher(**batch, output_hidden_states=True, output_attentions=True)
-            s_out = student(**batch, output_hidden_states=True, output_attentions=True)
-            att, rep = loss_fn(
-                s_out.hidden_states, t_out.hidden_states, s_out.attentions, t_out.attentions,
-                batch["attention_mask"],
-            )  # fmt: skip
-            loss = att + rep
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += loss.detach()
-        mean = float(total) / len(batches)
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"stage-1 loss is {mean} in epoch {epoch + 1}")
-        logger.info("stage 1, epoch %d/%d: loss %.6f", epoch + 1, settings.epochs, mean)
-        losses.append(mean)
-    return losses
+class IntermediateDistillation:
+    """The stage-1 objective: the teacher runs forward every step (its hidden states are
+    large, so unlike stage 2's logits they are not cached)."""
+
+    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+        for model, who in ((student, "student"), (teacher, "teacher")):
+            if model.config._attn_implementation != SCORES_ATTENTION:
+                raise ValueError(f"the {who} must use attn_implementation={SCORES_ATTENTION!r}")
+        layer_map = LayerMap(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        self.teacher = teacher.eval()
+        self.loss = IntermediateLoss(
+            layer_map, student.config.hidden_size, teacher.config.hidden_size
+        )
+
+    def modules(self) -> list[nn.Module]:
+        return [self.loss]
+
+    def __call__(
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], index: list[int]
+    ) -> torch.Tensor:
+        self.teacher.to(model.device)
+        with torch.no_grad():
+            t_out = self.teacher(**batch, output_hidden_states=True, output_attentions=True)
+        s_out = model(**batch, output_hidden_states=True, output_attentions=True)
+        att, rep = self.loss(
+            s_out.hidden_states, t_out.hidden_states, s_out.attentions, t_out.attentions,
+            batch["attention_mask"],
+        )  # fmt: skip
+        return att + rep
+
+
+def trained_fit_dense(location: str) -> dict[str, torch.Tensor] | None:
+    """The ``fit_dense`` projection saved in a TinyBERT-style checkpoint (a folder or hub
+    id): its ``weight`` and ``bias``, or None when it has none. Read as plain tensors
+    (safetensors, or ``torch.load(weights_only=True)``), never as pickled code."""
+    from transformers.utils import cached_file
+
+    def checkpoint(name: str) -> Path | None:
+        try:
+            found = cached_file(location, name, _raise_exceptions_for_missing_entries=False)
+        except Exception:
+            return None
+        return Path(found) if found else None
+
+    state: dict[str, torch.Tensor] = {}
+    if (path := checkpoint("model.safetensors")) is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if ".fit_dense." in f".{k}"}
+    elif (path := checkpoint("pytorch_model.bin")) is not None:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in loaded.items() if ".fit_dense." in f".{k}"}
+    found = {k.rsplit(".", 1)[-1]: v for k, v in state.items()}
+    return found if {"weight", "bias"} <= found.keys() else None

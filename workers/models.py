@@ -1,22 +1,37 @@
-"""Teacher and student models through ``transformers``' Auto classes."""
+"""Teacher and student models through ``transformers``' Auto classes.
+
+A model is named by a local folder, a Hugging Face hub id, or ``package:NAME`` (a Python
+package that bundles a model folder, like the offline MiniLM). Checkpoints whose
+``config.json`` has no ``model_type`` (TinyBERT's general-distillation checkpoints) load
+as BERT. Every failure to load becomes one ``KdsearchError`` naming the model.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
-from kdsearch.service.errors import KdsearchError
-from kdsearch.service.spec import PACKAGE_PREFIX, StudentSpec
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from kdsearch.service.errors import KdsearchError, first_line
+from kdsearch.service.spec import PACKAGE_PREFIX, StudentSpec
+
 logger = logging.getLogger(__name__)
+
+# Keys a BERT config.json carries; a config without model_type but with these is BERT.
+_BERT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"}
 
 
 def resolve_model_ref(ref: str) -> str:
@@ -39,14 +54,64 @@ def resolve_model_ref(ref: str) -> str:
     return str(folder)
 
 
-def _load(ref: str, what: str, **kwargs: object) -> PreTrainedModel:
+def _raw_config(location: str) -> dict[str, Any] | None:
+    """config.json of a local folder or (already cached) hub model, or None."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(location, "config.json", _raise_exceptions_for_missing_entries=False)
+        return json.loads(Path(path).read_text()) if path else None
+    except Exception:
+        return None
+
+
+def load_config(ref: str, what: str, **overrides: Any) -> PretrainedConfig:
     location = resolve_model_ref(ref)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(location, **kwargs)
-    except OSError as exc:
+        return AutoConfig.from_pretrained(location, **overrides)
+    except ValueError as exc:
+        raw = _raw_config(location)
+        if isinstance(raw, dict) and "model_type" not in raw and _BERT_KEYS <= raw.keys():
+            logger.info(
+                "%s %r: config.json has no model_type; loading it as BERT (as TinyBERT's "
+                "general-distillation checkpoints need)", what, ref,
+            )  # fmt: skip
+            return BertConfig.from_pretrained(location, **overrides)
         raise KdsearchError(
-            f"cannot load the {what} {ref!r}: {str(exc).splitlines()[0]}. Check the path, "
-            "or the hub id and network access"
+            f"cannot load the {what} {ref!r}: {first_line(exc)}. Its config.json must name a "
+            "model_type transformers knows (or be a BERT config); point at a Hugging Face "
+            "model folder or hub id"
+        ) from None
+    except Exception as exc:
+        raise KdsearchError(
+            f"cannot load the {what} {ref!r}: {first_line(exc)}. Check the path, or the hub id "
+            "and network access"
+        ) from None
+
+
+def load_model(
+    ref: str,
+    what: str,
+    num_labels: int,
+    attention: str | None = None,
+    safetensors_only: bool = False,
+    **overrides: Any,
+) -> PreTrainedModel:
+    """A sequence classifier with ``num_labels`` outputs (a new head when the checkpoint's
+    differs). ``attention``: the attention implementation (stage 1 needs the raw scores);
+    ``safetensors_only``: refuse pickled weights (kdsearch's own shared cache)."""
+    location = resolve_model_ref(ref)
+    config = load_config(ref, what, num_labels=num_labels, **overrides)
+    extra: dict[str, Any] = {"attn_implementation": attention} if attention else {}
+    if safetensors_only:
+        extra["use_safetensors"] = True
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(location, config=config, **extra)
+    except Exception as exc:  # missing, truncated or corrupted weights; no network
+        raise KdsearchError(
+            f"cannot load the {what} {ref!r}: {first_line(exc)}. Check that the folder holds "
+            "complete weights (model.safetensors or pytorch_model.bin), or the hub id and "
+            "network access"
         ) from None
 
 
@@ -54,25 +119,27 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     location = resolve_model_ref(ref)
     try:
         return AutoTokenizer.from_pretrained(location)
-    except OSError as exc:
-        raise KdsearchError(f"cannot load the tokenizer of {ref!r}: {exc}") from None
-
-
-def load_teacher(ref: str, num_labels: int, eager: bool = False) -> PreTrainedModel:
-    extra: dict[str, object] = {"attn_implementation": "eager"} if eager else {}
-    return _load(ref, "teacher", num_labels=num_labels, **extra)
+    except Exception as exc:
+        raise KdsearchError(
+            f"cannot load the tokenizer of {ref!r}: {first_line(exc)}. The model folder needs "
+            "its tokenizer files (tokenizer.json or vocab.txt)"
+        ) from None
 
 
 def load_student(
-    student: StudentSpec, teacher_ref: str, num_labels: int, seed: int, eager: bool = False
+    student: StudentSpec,
+    teacher_ref: str,
+    num_labels: int,
+    seed: int,
+    attention: str | None = None,
+    layers: int | None = None,
 ) -> PreTrainedModel:
-    """A fresh student. The classifier head (new weights) is initialised from ``seed``,
-    so the same trial on the same machine starts from the same weights. ``eager``
-    attention returns attention probabilities (stage 1 needs them)."""
+    """A fresh student. Its new classifier head is initialised from ``seed``, so the same
+    trial starts from the same weights. With ``teacher_layers`` (or ``layers``, a depth
+    searched per trial) it is the first layers of the teacher's pretrained checkpoint."""
     torch.manual_seed(seed)
-    extra: dict[str, object] = {"attn_implementation": "eager"} if eager else {}
-    if student.teacher_layers is not None:
+    depth = layers or student.teacher_layers
+    if depth is not None:
         # from_pretrained keeps the checkpoint's first k layers and drops the rest.
-        extra["num_hidden_layers"] = student.teacher_layers
-        return _load(teacher_ref, "student", num_labels=num_labels, **extra)
-    return _load(student.model or "", "student", num_labels=num_labels, **extra)
+        return load_model(teacher_ref, "student", num_labels, attention, num_hidden_layers=depth)
+    return load_model(student.model or "", "student", num_labels, attention)

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # no display: files only
 
 import matplotlib.pyplot as plt
 import numpy as np
+
 from kdsearch.workers.metrics import both_correct, calibration_bins, kept_deltas
 
 

@@ -32,22 +32,27 @@ class Progress:
         """Whether the next ``advance`` reports (so the caller reads the loss only then)."""
         return (self.step + 1) % self.every == 0 or self.step + 1 == self.total
 
-    def advance(self, epoch: int, epochs: int, loss: float | None = None) -> None:
+    def advance(
+        self, epoch: int | None = None, epochs: int | None = None, loss: float | None = None
+    ) -> None:
+        """One step done. Reports when due: training passes the loss (read only then)."""
+        reporting = self.due()
         self.step += 1
-        if loss is None:
-            if self._bar is not None:
-                self._bar.update(1)
+        if self._bar is not None:
+            self._bar.update(1)
+            if loss is not None:
+                self._bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.4f}")
+            return
+        if not reporting:
             return
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.step * (self.total - self.step)
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.4f}")
-        else:
-            logger.info(
-                "progress label=%s step=%d/%d epoch=%d/%d loss=%.6f elapsed_s=%.1f eta_s=%.1f",
-                self.label, self.step, self.total, epoch, epochs, loss, elapsed, eta,
-            )  # fmt: skip
+        fields = f" epoch={epoch}/{epochs}" if epoch is not None else ""
+        fields += f" loss={loss:.6f}" if loss is not None else ""
+        logger.info(
+            "progress label=%s step=%d/%d%s elapsed_s=%.1f eta_s=%.1f",
+            self.label, self.step, self.total, fields, elapsed, eta,
+        )  # fmt: skip
 
     def close(self) -> None:
         if self._bar is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kdsearch.service.errors import KdsearchError
 from kdsearch.workers.metrics import (
     agreement_rate,

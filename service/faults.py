@@ -1,0 +1,33 @@
+"""Fault points: named places in the worker where a test can pause it, to kill it (or stop
+the database) at exactly that moment. Inert unless ``$KDSEARCH_FAULT`` names the point.
+
+``KDSEARCH_FAULT=after-ask:pause=30`` makes a worker sleep 30 s when it reaches the point
+``after-ask``; with ``$KDSEARCH_FAULT_REACHED`` set to a file path, the point's name is
+written there first, so the test knows the worker is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "KDSEARCH_FAULT"
+REACHED_ENV = "KDSEARCH_FAULT_REACHED"
+
+
+def fault_point(name: str) -> None:
+    armed = os.environ.get(FAULT_ENV)
+    if not armed:
+        return
+    point, _, action = armed.partition(":")
+    if point != name:
+        return
+    logger.warning("fault point %s reached (%s=%s)", name, FAULT_ENV, armed)
+    if reached := os.environ.get(REACHED_ENV):
+        Path(reached).write_text(name)
+    if action.startswith("pause="):
+        time.sleep(float(action.removeprefix("pause=")))

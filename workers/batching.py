@@ -1,0 +1,118 @@
+"""Tokenised splits and their batches: dynamic padding and length-grouped shuffles.
+
+Rows stay unpadded in memory (``Encoded``); each batch is padded to its own longest row
+(``collate``), and training batches group rows of similar length (``length_grouped_batches``)
+so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kdsearch.workers.data import Split
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised split: unpadded token ids (padding happens per batch)."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, index: list[int]) -> Encoded:
+        return Encoded(
+            [self.input_ids[i] for i in index],
+            None if self.token_type_ids is None else [self.token_type_ids[i] for i in index],
+            self.labels[index],
+        )
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors (ragged rows as values + offsets): plain arrays,
+        so a shared cache never holds anything executable."""
+        out = {f"{prefix}.labels": self.labels.contiguous()}
+        columns = {"input_ids": self.input_ids, "token_type_ids": self.token_type_ids}
+        offsets = torch.tensor([0, *self.lengths], dtype=torch.int64).cumsum(0)
+        out[f"{prefix}.offsets"] = offsets
+        for name, rows in columns.items():
+            if rows is not None:
+                flat = [token for row in rows for token in row]
+                out[f"{prefix}.{name}"] = torch.tensor(flat, dtype=torch.int32)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> Encoded:
+        offsets = tensors[f"{prefix}.offsets"].tolist()
+
+        def rows(name: str) -> list[list[int]] | None:
+            flat = tensors.get(f"{prefix}.{name}")
+            if flat is None:
+                return None
+            values = flat.tolist()
+            return [values[a:b] for a, b in itertools.pairwise(offsets)]
+
+        input_ids = rows("input_ids")
+        assert input_ids is not None, f"{prefix}.input_ids missing"
+        return cls(input_ids, rows("token_type_ids"), tensors[f"{prefix}.labels"].long())
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, split: Split, max_seq_length: int) -> Encoded:
+    enc = tokenizer(
+        split.text_a,
+        split.text_b,
+        truncation=True,
+        max_length=max_seq_length,
+        padding=False,
+    )
+    return Encoded(
+        input_ids=enc["input_ids"],
+        token_type_ids=enc.get("token_type_ids"),
+        labels=torch.tensor(split.labels, dtype=torch.long),
+    )
+
+
+def collate(data: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the rows in ``index`` to their longest (dynamic padding): (B, L) tensors."""
+    length = max(len(data.input_ids[i]) for i in index)
+    ids = torch.full((len(index), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), length), dtype=torch.long)
+    types = torch.zeros((len(index), length), dtype=torch.long)
+    for row, i in enumerate(index):
+        n = len(data.input_ids[i])
+        ids[row, :n] = torch.tensor(data.input_ids[i])
+        mask[row, :n] = 1
+        if data.token_type_ids is not None:
+            types[row, :n] = torch.tensor(data.token_type_ids[i])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if data.token_type_ids is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, generator: torch.Generator, group: int = 50
+) -> list[list[int]]:
+    """Shuffled batches of similar-length rows: less padding, still random.
+
+    Shuffle, cut into chunks of ``group`` batches, sort each chunk by length, split it
+    into batches, then shuffle the batch order. Depends on the generator only.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * group
+    batches = []
+    for start in range(0, len(order), chunk):
+        rows = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]

@@ -1,0 +1,164 @@
+"""Recording a trial: who runs it, its probes, its outcome, its files.
+
+Every user attr goes through ``kdsearch.service.record`` (declared keys only); every
+storage call goes through the worker's reconnecting ``db`` wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.artifacts import upload_artifact
+
+from kdsearch.service.errors import InfrastructureError, first_line
+from kdsearch.service.record import (
+    ProbePoint,
+    StudyAttr,
+    TrialAttr,
+    set_study_attr,
+    set_trial_attrs,
+)
+from kdsearch.service.spec import Hyperparameters, StudySpec
+from kdsearch.service.storage import study_lock
+from kdsearch.workers import plots
+from kdsearch.workers.assets import StudyAssets
+from kdsearch.workers.predictions import write_predictions
+from kdsearch.workers.trial import TrialResult
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Db = Callable[[Callable[[], T], str], T]
+
+TEACHER_FILES = ("teacher_train.csv", "teacher_dev.csv")
+
+
+class Recorder:
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.RDBStorage,
+        spec: StudySpec,
+        assets: StudyAssets,
+        artifact_store: Any,
+        location: str,
+        db: Db,
+    ) -> None:
+        self.study = study
+        self.storage = storage
+        self.spec = spec
+        self.assets = assets
+        self.artifact_store = artifact_store
+        self.location = location
+        self.db = db
+        self.teacher_artifacts: dict[str, str] = {}
+
+    def upload_teacher_predictions(self) -> None:
+        """The teacher's prediction files, the same for every trial: uploaded once per
+        study (and artifact location) as study artifacts, by the first worker. The upload
+        (network I/O with S3) happens outside the study lock; only the check-and-set is
+        inside, so a worker that lost the race leaves two small unused files, never two
+        records."""
+        uploaded = self.db(
+            lambda: self.study.user_attrs.get(StudyAttr.TEACHER_ARTIFACTS), "reading the study"
+        )
+        if uploaded and uploaded["location"] == self.location:
+            self.teacher_artifacts = uploaded["ids"]
+            return
+        ids = {name: self._upload(self.assets.folder / name, self.study) for name in TEACHER_FILES}
+
+        def publish() -> dict[str, str]:
+            with study_lock(self.storage, self.spec.name):
+                current = self.study.user_attrs.get(StudyAttr.TEACHER_ARTIFACTS)
+                if current and current["location"] == self.location:
+                    return current["ids"]
+                value = {"location": self.location, "ids": ids}
+                set_study_attr(self.study, StudyAttr.TEACHER_ARTIFACTS, value)
+                return ids
+
+        self.teacher_artifacts = self.db(publish, "recording the teacher's predictions")
+
+    def started(self, trial: optuna.Trial, hparams: Hyperparameters, device: str) -> None:
+        attrs = {
+            TrialAttr.WORKER_HOST: socket.gethostname(),
+            TrialAttr.WORKER_PID: os.getpid(),
+            TrialAttr.DEVICE: device,
+            TrialAttr.HYPERPARAMETERS: hparams.model_dump(),
+        }
+        self._set(trial, attrs, "recording the trial")
+
+    def probed(self, trial: optuna.Trial, history: list[ProbePoint]) -> None:
+        points = [p.as_dict() for p in history]
+        self._set(trial, {TrialAttr.PROBES: points}, "recording a probe")
+
+    def pruned(self, trial: optuna.Trial, rule: str) -> None:
+        self._set(trial, {TrialAttr.PRUNED_BY: rule}, "recording pruning")
+
+    def failed(self, trial: optuna.Trial, error: str) -> None:
+        self._set(trial, {TrialAttr.ERROR: error}, "recording the error")
+
+    def finished(self, trial: optuna.Trial, result: TrialResult) -> None:
+        """The outcome's figures, then the student's prediction files and the figures as
+        trial artifacts; the ``artifacts`` attr also names the teacher's files (study
+        artifacts), so any trial can be scored again (``pred,p0,p1,label``, rows in the
+        split's order)."""
+        self._set(trial, result.outcome.attrs(), "recording results")
+        artifact_ids = dict(self.teacher_artifacts)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in self._files(Path(tmp), result).items():
+                artifact_ids[name] = self._upload(path, trial)
+        self._set(trial, {TrialAttr.ARTIFACTS: artifact_ids}, "recording artifacts")
+
+    def _set(self, trial: optuna.Trial, attrs: dict[str, Any], what: str) -> None:
+        self.db(lambda: set_trial_attrs(self.storage, trial._trial_id, attrs), what)
+
+    def _files(self, tmp: Path, result: TrialResult) -> dict[str, Path]:
+        assets, sigma_max = self.assets, self.spec.thresholds.sigma_max
+        paths = {name: tmp / name for name in ("student_train.csv", "student_dev.csv")}
+        write_predictions(
+            paths["student_train.csv"], result.student_probs_train, assets.train.labels.numpy()
+        )
+        write_predictions(
+            paths["student_dev.csv"], result.student_probs_dev, assets.dev.labels.numpy()
+        )
+        # Figures on the train split, where sigma is defined.
+        teacher, student = assets.teacher_probs_train, result.student_probs_train
+        labels = assets.train.labels.numpy()
+        figures: dict[str, Callable[[Path], None]] = {
+            "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
+                teacher, student, labels, result.sigma, sigma_max, p
+            ),
+            "confidence_scatter.png": lambda p: plots.confidence_scatter(
+                teacher, student, labels, p
+            ),
+            "reliability_diagram.png": lambda p: plots.reliability_diagram(
+                teacher, student, labels, p
+            ),
+        }
+        for name, draw in figures.items():
+            paths[name] = tmp / name
+            draw(paths[name])
+        return paths
+
+    def _upload(self, path: Path, owner: optuna.Study | optuna.Trial) -> str:
+        def upload() -> str:
+            try:
+                return upload_artifact(
+                    artifact_store=self.artifact_store, file_path=str(path), study_or_trial=owner
+                )
+            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.OptunaError):
+                raise  # the database, not the store: the db wrapper reconnects
+            except Exception as exc:  # a read-only or full folder, an unreachable bucket
+                raise InfrastructureError(
+                    f"cannot write to the artifact store {self.location!r}: {first_line(exc)}. "
+                    "Make it writable (or give another --artifacts) and start the worker again"
+                ) from None
+
+        return self.db(upload, f"uploading {path.name}")

@@ -1,0 +1,182 @@
+"""The one training loop, for every stage: teacher fine-tuning, stage 1 (intermediate
+layers) and stage 2 (prediction layer) differ only in their ``Objective``.
+
+So every stage gets the same optimizer (fused AdamW, decay on weights only), learning-rate
+schedule, precision, length-grouped batches, progress output and non-finite check.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from kdsearch.workers.batching import Encoded, collate, length_grouped_batches
+from kdsearch.workers.device import autocast, to_device
+from kdsearch.workers.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    """What a stage minimises. ``modules`` are trained with the model (stage 1's
+    ``fit_dense``); calling it gives the batch's loss, a float32 scalar."""
+
+    def modules(self) -> list[nn.Module]: ...
+
+    def __call__(
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], index: list[int]
+    ) -> torch.Tensor: ...
+
+
+class LabelCrossEntropy:
+    """Fine-tuning on the labels (the teacher, when the spec asks for it)."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels  # (N,) int64, the split's labels
+
+    def modules(self) -> list[nn.Module]:
+        return []
+
+    def __call__(
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], index: list[int]
+    ) -> torch.Tensor:
+        logits = model(**batch).logits  # (B, C)
+        target = self.labels[index].to(logits.device, non_blocking=True)
+        return nn.functional.cross_entropy(logits.float(), target)
+
+
+Schedule = Literal["warmup_linear", "constant"]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The optimisation settings of one stage."""
+
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    weight_decay: float
+    warmup_proportion: float = 0.0
+    schedule: Schedule = "warmup_linear"
+    """warmup_linear: linear warmup, then linear decay to 0 (TinyBERT's stage 2 and
+    fine-tuning); constant: no warmup, no decay (TinyBERT's stage 1)."""
+    eval_every_steps: int | None = None
+    """Also call ``on_eval`` every this many optimizer steps (besides epoch ends)."""
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, object]]:
+    """Decay every weight except biases and LayerNorm (BERT's convention), for the model
+    and any module trained with it."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+            (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(total_steps: int, settings: LoopSettings) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step."""
+    if settings.schedule == "constant":
+        return lambda step: 1.0
+    return linear_warmup_decay(total_steps, settings.warmup_proportion)
+
+
+def linear_warmup_decay(total_steps: int, warmup_proportion: float) -> Callable[[int], float]:
+    """lr multiplier: linear warmup over the first ``warmup_proportion`` of steps, then
+    linear decay to 0 (BertAdam's ``warmup_linear``)."""
+    warmup = max(1, int(total_steps * warmup_proportion)) if warmup_proportion > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def fit(
+    model: PreTrainedModel,
+    data: Encoded,
+    objective: Objective,
+    settings: LoopSettings,
+    device: torch.device,
+    seed: int,
+    pad_id: int,
+    on_eval: Callable[[float], None] | None = None,
+    label: str = "train",
+) -> list[float]:
+    """Train ``model`` (and the objective's modules) on ``data``. Returns the mean loss of
+    each epoch.
+
+    ``on_eval(epochs_done)`` runs after each epoch (1.0, 2.0, ...) and, with
+    ``settings.eval_every_steps`` N, after every N-th optimizer step within an epoch
+    (epochs_done fractional, e.g. 1.25): an evaluation that may raise to stop training.
+    The model is back in train mode afterwards."""
+    modules = [model, *objective.modules()]
+    for module in modules:
+        module.to(device).train()
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    # fused AdamW: one kernel over all parameters; on CPU it is ~10x faster than the
+    # default for-loop step, which otherwise dominates a small student's step time
+    # (the 30k x 384 embedding table alone is 11.7M parameters).
+    optimizer = torch.optim.AdamW(
+        param_groups(modules, settings.weight_decay),
+        lr=settings.learning_rate,
+        eps=1e-6,
+        fused=device.type in ("cpu", "cuda"),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(total_steps, settings))
+    # The shuffle has its own generator: the order depends on the seed only.
+    generator = torch.Generator().manual_seed(seed)
+    lengths = data.lengths
+    every = settings.eval_every_steps
+    progress = Progress(total_steps, label)
+    try:
+        epoch_losses = []
+        for epoch in range(settings.epochs):
+            loss_sum = torch.zeros((), device=device)
+            batches = length_grouped_batches(lengths, settings.batch_size, generator)
+            for in_epoch, index in enumerate(batches, start=1):
+                batch = to_device(collate(data, index, pad_id), device)
+                with autocast(device):
+                    loss = objective(model, batch, index)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                # Accumulate on the device; reading .item() per step would sync every step.
+                loss_sum += loss.detach()
+                report = progress.due()
+                progress.advance(
+                    epoch + 1, settings.epochs, float(loss.detach()) if report else None
+                )
+                step = epoch * steps_per_epoch + in_epoch
+                # The epoch-end evaluation comes below.
+                if on_eval and every and step % every == 0 and in_epoch < steps_per_epoch:
+                    on_eval(epoch + in_epoch / steps_per_epoch)
+                    model.train()
+            mean_loss = float(loss_sum) / steps_per_epoch
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"{label}: loss is {mean_loss} in epoch {epoch + 1}")
+            logger.info("%s, epoch %d/%d: loss %.6f", label, epoch + 1, settings.epochs, mean_loss)
+            epoch_losses.append(mean_loss)
+            if on_eval is not None:
+                on_eval(float(epoch + 1))
+                model.train()
+        return epoch_losses
+    finally:
+        progress.close()
