@@ -447,8 +447,13 @@ def _status(args: argparse.Namespace) -> int:
     spec = load_stored_spec(storage, args.study)
     study = optuna.load_study(study_name=spec.name, storage=storage)
     rows = trial_rows(study, list(spec.search_space))
-    text = format_json(rows) if args.format == "json" else format_table(rows)
-    sys.stdout.write(text + "\n")
+    if args.format == "json":
+        sys.stdout.write(format_json(rows) + "\n")
+        return 0
+    from kdsearch.service.study import recorded_locations
+
+    location = recorded_locations(storage).get(spec.name) or "not recorded yet (no worker ran)"
+    sys.stdout.write(format_table(rows) + f"\n\nartifacts: {location}\n")
     return 0
 
 

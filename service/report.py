@@ -148,37 +148,30 @@ def format_json(summaries: list[StudySummary]) -> str:
 
 
 def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
-    """Every finished trial, the Pareto front, and the feasible region's boundary."""
+    """The Pareto front as optuna-dashboard draws it (Optuna's plotting API: feasible
+    trials coloured, infeasible ones grey, the front marked), with the thresholds drawn."""
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_pareto_front
 
-    trials = [t for t in records(study) if t.state == TrialState.COMPLETE and t.values]
-    front = {t.number for t in study.best_trials}
-    everything_front = pareto_front(trials)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for t in trials:
-        feasible = bool(t.feasible)
-        ax.scatter(
-            t.values[0],
-            t.values[1],
-            s=40 if t.number in everything_front else 18,
-            c="#55a868" if feasible else "#c44e52",
-            edgecolors="black" if t.number in front else "none",
-        )
-        ax.annotate(
-            str(t.number),
-            (t.values[0], t.values[1]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    ax.axvline(spec.thresholds.sigma_max, color="#555555", ls="--", lw=1)
-    ax.axhline(spec.thresholds.accuracy_drop_max, color="#555555", ls="--", lw=1)
-    ax.set_xlabel(f"sigma (train), threshold {spec.thresholds.sigma_max}")
-    ax.set_ylabel(f"accuracy_drop (dev), threshold {spec.thresholds.accuracy_drop_max}")
-    ax.set_title(f"{spec.name}: green feasible, red infeasible, large = Pareto front")
+    from kdsearch.service.study import METRIC_NAMES
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = plot_pareto_front(study, target_names=METRIC_NAMES)
+    limits = spec.thresholds
+    ax.axvline(limits.sigma_max, color="#555555", ls="--", lw=1, label="sigma_max (kappa)")
+    ax.axhline(limits.accuracy_drop_max, color="#555555", ls=":", lw=1, label="accuracy_drop_max")
+    ax.set_xlabel(f"sigma (train), threshold {limits.sigma_max}")
+    ax.set_ylabel(f"accuracy_drop (dev), threshold {limits.accuracy_drop_max}")
+    ax.set_title(f"{spec.name}: Pareto front (grey: infeasible)")
+    ax.legend(fontsize=7)
+    fig = ax.get_figure()
+    fig.set_size_inches(6.5, 4.5)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

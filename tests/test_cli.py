@@ -57,7 +57,8 @@ def test_create_attach_refuse_and_status(spec_file: Path, pg_url: str) -> None:
 
     status = kdsearch("status", "--study", "cli", "--storage", pg_url)
     assert status.returncode == 0, status.stderr
-    header, _, row = status.stdout.splitlines()
+    header, _, row, _, footer = status.stdout.splitlines()
+    assert footer == "artifacts: not recorded yet (no worker ran)"
     assert header.split() == [
         "trial", "state", "baseline", "learning_rate", "batch_size", "epochs",
         "sigma", "accuracy_drop", "feasible", "host", "elapsed_s",

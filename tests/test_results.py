@@ -197,26 +197,52 @@ def _page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
-def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
+def _dashboard(url: str, cwd: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``kdsearch dashboard`` started in ``cwd`` (no KDSEARCH_* settings), once it serves."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDSEARCH_")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "kdsearch", "dashboard", "--port", str(port),
-         "--storage", finished["url"], "--artifacts", str(finished["artifacts"])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-m", "kdsearch", "dashboard", "--port", str(port), "--storage", url,
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(f"{base}/api/studies", timeout=2).close()
+            return server, base
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    pytest.fail(f"the dashboard did not start: {server.communicate()[0]}")
+
+
+def _stop(server: subprocess.Popen) -> str:
+    server.terminate()
+    return server.communicate(timeout=10)[0]
+
+
+def test_dashboard_started_elsewhere_warns_about_unreadable_artifacts(
+    finished: dict, tmp_path: Path
+) -> None:
+    server, base = _dashboard(finished["url"], tmp_path, "--artifacts", str(tmp_path / "gone"))
+    with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
+        assert len(json.loads(r.read())["study_summaries"]) == 1  # it serves the studies
+    log = _stop(server)
+    assert f"artifact folder {tmp_path / 'gone'} does not exist" in log, log
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
+    # Started from another folder, without --artifacts: the study's recorded location.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server, base = _dashboard(finished["url"], elsewhere)
     try:
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as r:
-                    (summary,) = json.loads(r.read())["study_summaries"]
-                break
-            except OSError:
-                time.sleep(0.2)
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
+            (summary,) = json.loads(r.read())["study_summaries"]
         study_id = summary["study_id"]
         # Through the dashboard's API: metric names, constraints, artifacts.
         with urllib.request.urlopen(f"{base}/api/studies/{study_id}", timeout=10) as r:
@@ -241,6 +267,27 @@ def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
         for expected in ("Artifacts", "confidence_delta_histogram.png", "reliability_diagram.png"):
             assert expected in trial_page, trial_page[:2000]
         assert "probe_history" in trial_page  # per-epoch metrics, as a user attr
+
+        # A trial's figure, served byte for byte from the artifacts the study recorded...
+        trial = detail["trials"][0]
+        (meta,) = [a for a in trial["artifacts"] if a["filename"] == "reliability_diagram.png"]
+        url = f"{base}/artifacts/{study_id}/{trial['trial_id']}/{meta['artifact_id']}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            served = r.read()
+        stored = finished["artifacts"] / "optuna" / meta["artifact_id"]
+        assert served == stored.read_bytes() and served[:8] == PNG
+        # ...and decoded by the browser as an image (naturalWidth > 0), not its alt text.
+        probe = tmp_path / "image.html"
+        probe.write_text(
+            f'<html><body><img src="{url}" alt="missing" '
+            "onload=\"document.body.setAttribute('data-width', this.naturalWidth)\" "
+            "onerror=\"document.body.setAttribute('data-width', 'error')\"></body></html>"
+        )
+        args = [CHROMIUM or "chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p3'}"]
+        dom = subprocess.run(
+            [*args, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+        ).stdout
+        width = re.search(r'data-width="([^"]+)"', dom)
+        assert width is not None and width.group(1) == "500", dom  # 5 in x 100 dpi
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        _stop(server)
