@@ -56,10 +56,12 @@ def create_study(
         parsed = spec_from_dict(dict(spec), source="<dict>", base_dir=Path.cwd())
     else:
         parsed = load_spec(spec)
+    from kdsearch.service.artifacts import resolve_artifacts
+    from kdsearch.workers.preflight import require_study_inputs
+
+    require_study_inputs(parsed, "the study spec")  # data and model files, before storing
     url = resolve_storage_url(storage)
     explicit = explicit_artifacts(artifacts)
-    from kdsearch.service.artifacts import resolve_artifacts
-
     location = str(resolve_artifacts(explicit)) if explicit else None
     create_or_attach(open_storage(url), parsed, artifacts=location)
     return Study(parsed.name, url)

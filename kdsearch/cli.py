@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "unset: the first worker records its own)",
     )
     _command(study_commands, "list", "list the studies in the storage", "kdsearch study list")
+    unhalt = _command(
+        study_commands,
+        "unhalt",
+        "clear a study's halt (set when trials kept failing) once the cause is fixed",
+        "kdsearch study unhalt demo-sst2",
+    )
+    unhalt.add_argument("name", metavar="NAME", help=STUDY_HELP)
     _command(
         study_commands,
         "schema",
@@ -291,6 +298,9 @@ def _study_create(args: argparse.Namespace) -> int:
     # Validate the whole spec (and the location) before touching the storage: bad input
     # writes nothing.
     spec = load_spec(args.spec)
+    from kdsearch.workers.preflight import require_study_inputs
+
+    require_study_inputs(spec, args.spec)  # data and model files, before anything is stored
     explicit = _explicit_artifacts(args)
     location = str(resolve_artifacts(explicit)) if explicit else None
     url = resolve_storage_url(args.storage)
@@ -309,6 +319,18 @@ def _study_list(args: argparse.Namespace) -> int:
         names = []
     for name in names:
         sys.stdout.write(name + "\n")
+    return 0
+
+
+def _study_unhalt(args: argparse.Namespace) -> int:
+    from kdsearch.service.storage import open_storage, resolve_storage_url
+    from kdsearch.service.study import unhalt
+
+    storage = open_storage(resolve_storage_url(args.storage), create=False)
+    if unhalt(storage, args.name):
+        logger.info("study %r unhalted: start its workers again", args.name)
+    else:
+        logger.info("study %r was not halted", args.name)
     return 0
 
 
@@ -450,18 +472,25 @@ def _status(args: argparse.Namespace) -> int:
     if args.format == "json":
         sys.stdout.write(format_json(rows) + "\n")
         return 0
-    from kdsearch.service.study import recorded_locations
+    from kdsearch.service.study import halted_reason, recorded_locations
 
     location = recorded_locations(storage).get(spec.name) or "not recorded yet (no worker ran)"
-    sys.stdout.write(format_table(rows) + f"\n\nartifacts: {location}\n")
+    footer = f"\n\nartifacts: {location}\n"
+    if reason := halted_reason(storage, spec.name):
+        footer += f"HALTED: {reason}\n"
+    sys.stdout.write(format_table(rows) + footer)
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
     import json
 
+    from kdsearch.service.errors import KdsearchError
+    from kdsearch.service.spec import TASKS
     from kdsearch.workers.score import score_files
 
+    if args.task is not None and args.task not in TASKS:
+        raise KdsearchError(f"--task {args.task!r} is not a task; use one of {', '.join(TASKS)}")
     figures = score_files(Path(args.teacher), Path(args.student), args.task)
     if args.format == "json":
         sys.stdout.write(json.dumps(figures, indent=2) + "\n")
@@ -500,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("study", "create"): _study_create,
             ("study", "list"): _study_list,
             ("study", "schema"): _study_schema,
+            ("study", "unhalt"): _study_unhalt,
             ("status", None): _status,
             ("score", None): _score,
             ("dashboard", None): _dashboard,

@@ -111,7 +111,7 @@ def open_artifact_store(
 
         folder = location.folder / "optuna"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            require_writable(folder)
         except OSError as exc:
             raise InfrastructureError(
                 f"cannot use the artifact folder {str(location)!r}: {first_line(exc)}; give a "
@@ -119,6 +119,15 @@ def open_artifact_store(
             ) from None
         return FileSystemArtifactStore(str(folder))
     return _PrefixedBoto3Store(shared or S3Bucket(location))
+
+
+def require_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove it takes a file (raises OSError otherwise): a
+    read-only or full location is found at startup, not after a trial's compute."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".kdsearch-write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 class RoutingArtifactStore:

@@ -33,6 +33,8 @@ class StudyAttr:
     SPEC = "kdsearch:spec"  # the resolved StudySpec (JSON), written once at creation
     TEACHER_ARTIFACTS = "kdsearch:teacher_artifacts"  # {"location", "ids": {file: artifact id}}
     ARTIFACTS = "kdsearch:artifacts"  # where the study's artifacts are (a folder or s3://...)
+    HALTED = "kdsearch:halted"  # why the study stopped every worker (failures in a row), or None
+    UNHALTED_AFTER = "kdsearch:unhalted_after"  # failures up to this trial number no longer count
 
 
 class TrialAttr:
@@ -53,7 +55,18 @@ class TrialAttr:
     PROBES = "probe_history"  # [ProbePoint.as_dict(), ...]; kept when pruned
     PRUNED_BY = "pruned_by"  # the pruning rule that stopped it
     ERROR = "error"  # why it failed
+    FAILURE = "kdsearch:failure"  # what failed: a FailureKind value (absent: its worker died)
     ARTIFACTS = "artifacts"  # {file name: artifact id}, teacher's study artifacts included
+
+
+class FailureKind:
+    """Why a trial is FAIL. Only ``TRIAL`` failures (and dead workers) use up a retry and
+    count towards the study's failures in a row: the others are not the trial's doing."""
+
+    TRIAL = "trial"  # its code raised (CUDA OOM, NaN loss, bad data...)
+    STOPPED = "stopped"  # its worker was stopped (SIGTERM, Ctrl-C): re-queued
+    INFRASTRUCTURE = "infrastructure"  # the artifact store or disk failed: re-queued
+    CLAIM = "claim"  # its claim failed halfway (a lost connection): re-queued
 
 
 @dataclass(frozen=True)
@@ -204,6 +217,7 @@ class TrialRecord:
     probes: list[ProbePoint]
     pruned_by: str | None
     error: str | None
+    failure: str | None  # a FailureKind; None for a FAIL trial means its worker died
     artifacts: dict[str, str]
     outcome: TrialOutcome | None
     elapsed_s: float | None = field(default=None)  # start to finish (or to now if running)
@@ -233,6 +247,7 @@ class TrialRecord:
             probes=[ProbePoint.from_dict(p) for p in a.get(TrialAttr.PROBES, [])],
             pruned_by=a.get(TrialAttr.PRUNED_BY),
             error=a.get(TrialAttr.ERROR),
+            failure=a.get(TrialAttr.FAILURE),
             artifacts=dict(a.get(TrialAttr.ARTIFACTS, {})),
             outcome=TrialOutcome.from_attrs(a),
             elapsed_s=elapsed,
@@ -256,6 +271,11 @@ class TrialRecord:
     @property
     def on_gpu(self) -> bool:
         return str(self.device or "").startswith("cuda")
+
+    @property
+    def charged_failure(self) -> bool:
+        """FAIL through the trial's own doing (or its worker's death): uses up a retry."""
+        return self.state == TrialState.FAIL and self.failure in (None, FailureKind.TRIAL)
 
 
 def objectives_for_constraints(trial: FrozenTrial) -> tuple[float, float]:

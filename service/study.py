@@ -323,6 +323,65 @@ def fail_stale_trials(study: optuna.Study) -> None:
 class Claim(enum.Enum):
     DONE = "the budget is spent"
     WAIT = "no slot free, but trials are still running"
+    HALTED = "trials kept failing: the study is halted"
+
+
+def failure_streak(trials: Sequence[FrozenTrial], after: int = -1) -> list[int]:
+    """The trials (numbers) of the latest run of failures, in completion order: finished
+    trials numbered above ``after``, counting back from the last one until a trial that
+    did not fail through its own doing. Stops and infrastructure failures neither count
+    nor break the run; a COMPLETE or PRUNED trial breaks it."""
+    finished = sorted(
+        (t for t in trials if t.number > after and t.state.is_finished() and t.datetime_complete),
+        key=lambda t: t.datetime_complete,  # type: ignore[arg-type,return-value]
+    )
+    run: list[int] = []
+    for trial in reversed(finished):
+        record = TrialRecord.of(trial)
+        if record.state != TrialState.FAIL:
+            break
+        if record.charged_failure:
+            run.append(trial.number)
+    return run[::-1]
+
+
+def _halt_if_failing(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial]) -> bool:
+    """Whether the study is halted; halts it when the latest failures in a row reach
+    ``reliability.max_failures_in_a_row``. Callers hold the study lock."""
+    attrs = study.user_attrs
+    if attrs.get(StudyAttr.HALTED):
+        return True
+    streak = failure_streak(trials, after=attrs.get(StudyAttr.UNHALTED_AFTER, -1))
+    limit = spec.reliability.max_failures_in_a_row
+    if len(streak) < limit:
+        return False
+    last = next(t for t in trials if t.number == streak[-1])
+    error = TrialRecord.of(last).error or "its worker died (heartbeat stale)"
+    reason = (
+        f"{len(streak)} trials in a row failed (trials {streak[0]}..{streak[-1]}; "
+        f"reliability.max_failures_in_a_row is {limit}); the last one: {error}. Fix the "
+        f"cause, then run `kdsearch study unhalt {spec.name}` and start the workers again"
+    )
+    set_study_attr(study, StudyAttr.HALTED, reason)
+    logger.error("study %s halted: %s", spec.name, reason)
+    return True
+
+
+def halted_reason(storage: optuna.storages.BaseStorage, name: str) -> str | None:
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(StudyAttr.HALTED)
+
+
+def unhalt(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    """Clear a halt (returns whether there was one): failures so far no longer count."""
+    require_study(storage, name)
+    with study_lock(storage, name):
+        study = optuna.load_study(study_name=name, storage=storage)
+        if not study.user_attrs.get(StudyAttr.HALTED):
+            return False
+        last = max((t.number for t in study.get_trials(deepcopy=False)), default=-1)
+        set_study_attr(study, StudyAttr.UNHALTED_AFTER, last)
+        set_study_attr(study, StudyAttr.HALTED, None)
+        return True
 
 
 def claim_trial(
@@ -347,7 +406,10 @@ def claim_trial(
     """
     with study_lock(storage, spec.name):
         fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False, states=_BUDGET_STATES)
+        everything = study.get_trials(deepcopy=False)
+        if _halt_if_failing(study, spec, everything):
+            return Claim.HALTED
+        trials = [t for t in everything if t.state in _BUDGET_STATES]
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if waiting == 0 and len(trials) >= spec.n_trials:

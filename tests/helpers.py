@@ -27,9 +27,11 @@ def free_port() -> int:
 
 
 class PrivatePostgres:
-    """A throwaway PostgreSQL cluster in a temp folder (also used to test restarts)."""
+    """A throwaway PostgreSQL cluster in a temp folder (also used to test restarts).
 
-    def __init__(self) -> None:
+    With ``password``, TCP connections need it (scram-sha-256) as role ``user``."""
+
+    def __init__(self, password: str | None = None, user: str = "postgres") -> None:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not found:
             pytest.fail(
@@ -43,7 +45,14 @@ class PrivatePostgres:
         self.user = "postgres" if os.geteuid() == 0 else None
         if self.user:
             shutil.chown(self.dir, user=self.user)
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+        auth = ["-A", "trust"]
+        if password is not None:
+            pwfile = self.dir / "pw"
+            pwfile.write_text(password + "\n")
+            if self.user:
+                shutil.chown(pwfile, user=self.user)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        self._run("initdb", "-D", str(self.dir / "data"), *auth, "-U", user)
         self.start()
 
     def _run(self, *args: str) -> None:
@@ -69,6 +78,8 @@ class PrivatePostgres:
     def destroy(self) -> None:
         try:
             self.stop()
+        except subprocess.CalledProcessError:
+            pass  # stopped already
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -152,8 +152,8 @@ LEAVES = list(_commands(build_parser()))
 
 def test_all_commands_are_checked() -> None:
     assert {" ".join(p) for p, _ in LEAVES} == {
-        "study create", "study list", "study schema", "worker", "status", "report", "export",
-        "dashboard", "score",
+        "study create", "study list", "study schema", "study unhalt", "worker", "status",
+        "report", "export", "dashboard", "score",
     }  # fmt: skip
 
 

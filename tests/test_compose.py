@@ -19,7 +19,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.helpers import ROOT, tiny_spec_text, write_spec
+from tests.helpers import ROOT, PrivatePostgres, kdsearch, tiny_spec_text, write_spec
 
 COMPOSE = ROOT / "docker-compose.yml"
 _VAR = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
@@ -127,6 +127,7 @@ def test_compose_file_shape() -> None:
         services["workers"]["depends_on"]["study"]["condition"] == "service_completed_successfully"
     )
     assert "POSTGRES_PASSWORD:?" in COMPOSE.read_text()  # required from the environment
+    assert services["workers"]["restart"] == "on-failure:3"  # restarts are bounded
     assert "healthcheck" in services["postgres"]
     # S3 credentials pass through from the environment when set; none is written here.
     for name in ("workers", "workers-cpu", "dashboard", "study"):
@@ -144,6 +145,36 @@ def test_docker_compose_config_validates(profile: list[str]) -> None:
         capture_output=True, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+PASSWORD = "p@ss/w%20rd:x"  # URL syntax inside: it must reach PostgreSQL unchanged
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_a_password_with_url_characters_reaches_postgres_unchanged(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "KDSEARCH_"))}
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+        env={**env, "POSTGRES_PASSWORD": PASSWORD, "POSTGRES_HOST": "127.0.0.1"}, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("study", "workers", "dashboard"):
+        environment = yaml.safe_load(result.stdout)["services"][name]["environment"]
+        assert environment["PGPASSWORD"] == PASSWORD, name
+        assert PASSWORD not in environment["KDSEARCH_STORAGE"], name
+        assert environment["KDSEARCH_STORAGE"].startswith("postgresql+psycopg2://kdsearch@")
+    # A real server that wants that password: the study service's command, with the
+    # environment compose gives it, connects; without the password it is refused (exit 3).
+    server = PrivatePostgres(password=PASSWORD, user="kdsearch")
+    try:
+        storage = f"postgresql+psycopg2://kdsearch@127.0.0.1:{server.port}/postgres"
+        ok = kdsearch("study", "list", env={"KDSEARCH_STORAGE": storage, "PGPASSWORD": PASSWORD})
+        assert ok.returncode == 0, ok.stderr
+        refused = kdsearch("study", "list", env={"KDSEARCH_STORAGE": storage, "PGPASSWORD": "x"})
+        assert refused.returncode == 3 and "password authentication failed" in refused.stderr
+        assert PASSWORD not in refused.stderr
+    finally:
+        server.destroy()
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")

@@ -8,6 +8,7 @@ its probes, an infeasible finished trial is marked; a raising trial is retried.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -17,7 +18,8 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.service.record import TrialAttr, TrialRecord
+from kdsearch.service.errors import FailureStreak
+from kdsearch.service.record import FailureKind, TrialAttr, TrialRecord
 from kdsearch.service.spec import StudySpec, load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
@@ -25,6 +27,7 @@ from kdsearch.workers.worker import Worker, WorkerOptions
 from tests.helpers import (
     PrivatePostgres,
     finish,
+    kdsearch,
     start_worker,
     tiny_spec_text,
     wait_for,
@@ -251,3 +254,137 @@ def test_raising_trial_is_retried_then_failed_and_the_worker_goes_on(
     assert retry.params == first.params and retry.user_attrs[TrialAttr.RETRY_OF] == 1
     assert retry.user_attrs[TrialAttr.ATTEMPT] == 1  # max_retries reached: not re-queued again
     assert retry.user_attrs["error"] == first.user_attrs["error"]
+
+
+def paused_at(point: str, tmp_path: Path, seconds: int = 120) -> dict[str, str]:
+    """Environment that pauses a worker at fault point ``point`` (service/faults.py)."""
+    return {
+        "KDSEARCH_FAULT": f"{point}:pause={seconds}",
+        "KDSEARCH_FAULT_REACHED": str(tmp_path / f"reached-{point}"),
+    }
+
+
+def reached(tmp_path: Path, point: str) -> bool:
+    return (tmp_path / f"reached-{point}").exists()
+
+
+@pytest.mark.parametrize("point", ["after-ask", "after-first-beat"])
+def test_a_worker_killed_between_claim_and_first_beat_loses_nothing(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue, point
+) -> None:
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "claimkill", n_trials="2")
+    victim = start_worker(pg_url, "claimkill", tmp_path / "art", **paused_at(point, tmp_path))
+    wait_for(lambda: reached(tmp_path, point), what=f"the worker to reach {point}")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    (claimed,) = trials(pg_url, "claimkill")
+    assert claimed.state == TrialState.RUNNING  # the baseline, held by a dead worker
+    # Another worker fails it as stale (no heartbeat at all, or one that stopped), re-runs
+    # it with the same hyperparameters and finishes exactly the budget.
+    finish([start_worker(pg_url, "claimkill", tmp_path / "art")])
+    ts = trials(pg_url, "claimkill")
+    assert ts[0].state == TrialState.FAIL
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 2
+    assert TrialState.RUNNING not in [t.state for t in ts]
+    rerun = next(t for t in ts if t.user_attrs.get(TrialAttr.RETRY_OF) == 0)
+    assert rerun.state == TrialState.COMPLETE and rerun.params == ts[0].system_attrs["fixed_params"]
+    assert rerun.user_attrs[TrialAttr.RETRY_REASON] == "worker died (heartbeat stale)"
+    assert rerun.user_attrs[TrialAttr.BASELINE] is True  # still the baseline
+
+
+def test_a_database_outage_during_the_claim_leaves_no_orphan(
+    tmp_path, tiny_bert_dir, fixture_glue
+) -> None:
+    server = PrivatePostgres()
+    try:
+        url = server.url
+        make_study(url, tmp_path, tiny_bert_dir, fixture_glue, "claimcut", n_trials="2")
+        worker = start_worker(
+            url, "claimcut", tmp_path / "art", **paused_at("after-ask", tmp_path, 3)
+        )
+        wait_for(lambda: reached(tmp_path, "after-ask"), what="the worker to reach after-ask")
+        server.stop()  # the first beat, right after the pause, meets no database
+        time.sleep(6)
+        server.start()
+        logs = finish([worker])
+        assert "storage unreachable while claiming a trial" in logs[0], logs[0]
+        ts = trials(url, "claimcut")
+        assert TrialState.RUNNING not in [t.state for t in ts]
+        assert ts[0].state == TrialState.FAIL
+        assert ts[0].user_attrs[TrialAttr.FAILURE] == FailureKind.CLAIM
+        rerun = next(t for t in ts if t.user_attrs.get(TrialAttr.RETRY_OF) == 0)
+        assert rerun.state == TrialState.COMPLETE and rerun.user_attrs[TrialAttr.ATTEMPT] == 0
+        assert sum(t.state == TrialState.COMPLETE for t in ts) == 2
+    finally:
+        server.destroy()
+
+
+def test_sigterm_during_start_up_exits_0(tmp_path, pg_url, tiny_bert_dir, fixture_glue) -> None:
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "early", n_trials="1")
+    for delay in (0.3, 1.5):  # while importing; while connecting or building assets
+        worker = start_worker(pg_url, "early", tmp_path / "art")
+        time.sleep(delay)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, worker.communicate()[0]
+    assert [t.state for t in trials(pg_url, "early")] == [TrialState.WAITING]
+    leftovers = list((tmp_path / "art").rglob("*.tmp-*")) if (tmp_path / "art").exists() else []
+    assert leftovers == []
+
+
+def test_an_unusable_artifact_store_stops_the_worker_without_charging_the_trial(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "infra", n_trials="2")
+    art = tmp_path / "art"
+    worker = start_worker(pg_url, "infra", art, **paused_at("before-record", tmp_path, 5))
+    wait_for(lambda: reached(tmp_path, "before-record"), what="the trial to finish training")
+    shutil.rmtree(art / "optuna")
+    (art / "optuna").write_text("not a folder any more")  # as a disk gone read-only would
+    assert worker.wait(timeout=60) == 4
+    log = worker.communicate()[0]
+    assert "kdsearch: error: cannot write to the artifact store" in log, log
+    first, queued = trials(pg_url, "infra")
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs[TrialAttr.FAILURE] == FailureKind.INFRASTRUCTURE
+    assert queued.state == TrialState.WAITING and queued.user_attrs[TrialAttr.ATTEMPT] == 0
+
+
+def test_trials_failing_in_a_row_halt_the_study_until_unhalted(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    edits = {"max_retries: 2}": "max_retries: 0, max_failures_in_a_row: 2}"}
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "halts", "3", **edits)
+    study = optuna.load_study(study_name="halts", storage=pg_url)
+    for lr in (5.0, 6.0):  # values the schema refuses: the trial's code raises
+        study.enqueue_trial({"learning_rate": lr, "batch_size": 16, "epochs": 1})
+    options = WorkerOptions(pg_url, "halts", str(tmp_path / "art"), threads=1)
+    with pytest.raises(FailureStreak, match=r"2 trials in a row failed \(trials 1..2"):
+        Worker(options).run()
+    # Every other worker stops at once too (exit 1), and status says why.
+    result = kdsearch("worker", "--study", "halts", "--storage", pg_url, "--threads", "1")
+    assert result.returncode == 1 and "is halted: 2 trials in a row failed" in result.stderr
+    status = kdsearch("status", "--study", "halts", "--storage", pg_url)
+    assert "HALTED: 2 trials in a row failed" in status.stdout
+    assert "kdsearch study unhalt halts" in status.stdout
+    unhalted = kdsearch("study", "unhalt", "halts", "--storage", pg_url)
+    assert unhalted.returncode == 0 and "unhalted" in unhalted.stderr
+    assert Worker(options).run() == 0  # the failures before the unhalt no longer count
+    states = [t.state for t in trials(pg_url, "halts")]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 2
+
+
+def test_the_storage_timeout_is_not_doubled(tmp_path, tiny_bert_dir, fixture_glue) -> None:
+    server = PrivatePostgres()
+    try:
+        url = server.url
+        make_study(url, tmp_path, tiny_bert_dir, fixture_glue, "timeout", n_trials="1", **SLOW)
+        worker = start_worker(url, "timeout", tmp_path / "art", "--storage-timeout", "6")
+        wait_for(lambda: training(url, "timeout"), what="trial 0 to train")
+        server.stop()
+        stopped = time.monotonic()
+        assert worker.wait(timeout=60) == 3
+        # One timeout (6 s) from the next storage call (within an epoch), not two.
+        assert time.monotonic() - stopped < 11, worker.communicate()[0]
+        assert "the storage was unreachable for" in worker.communicate()[0]
+    finally:
+        server.destroy()

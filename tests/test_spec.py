@@ -59,7 +59,7 @@ BAD_VALUES = [
     (lambda r: r["data"].update(pth="x"), "data.pth: unknown key; did you mean 'path'?"),
     (lambda r: r.update(task="sst3"), "task: 'sst3' is not allowed; use one of 'sst2'"),
     (lambda r: r.update(n_trials="many"), "n_trials: got 'many'; input should be a valid integer"),
-    (lambda r: r.update(n_trials=0), "n_trials: got 0; input should be greater than 0"),
+    (lambda r: r.update(n_trials=0), "n_trials: got 0; input should be greater than or equal to 1"),
     (
         lambda r: r.update(max_seq_length=4),
         "max_seq_length: got 4; input should be greater than or equal to 8",
@@ -97,7 +97,7 @@ BAD_VALUES = [
         ),
         "search_space.weight_decay: log scale needs low > 0 but got low = 0",
     ),
-    (lambda r: r.update(name="has space"), "name: 'has space' must be 1-128 letters"),
+    (lambda r: r.update(name="has space"), "name: 'has space' must be 1-128 ASCII letters"),
     (lambda r: r["teacher"].update(model="./no/such/model"), "teacher.model: model folder"),
     (
         lambda r: r["teacher"].update(model="package:no_such_pkg"),

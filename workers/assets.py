@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdsearch.service.artifacts import ArtifactLocation, S3Bucket
+from kdsearch.service.artifacts import ArtifactLocation, S3Bucket, require_writable
 from kdsearch.service.errors import InfrastructureError, first_line
 from kdsearch.service.hashing import stable_hash
 from kdsearch.service.spec import Stage1Spec, StudySpec
@@ -175,7 +175,15 @@ def open_asset_cache(
     storage: optuna.storages.RDBStorage,
     shared: S3Bucket | None = None,
 ) -> AssetCache:
-    """The asset cache for an artifact location (``shared``: an already opened bucket)."""
+    """The asset cache for an artifact location (``shared``: an already opened bucket);
+    its folder must be writable (checked now, not after a trial)."""
+    try:
+        require_writable(cache_dir)
+    except OSError as exc:
+        raise InfrastructureError(
+            f"cannot write the asset cache {str(cache_dir)!r}: {first_line(exc)}. Give a "
+            "writable folder (--cache-dir or $KDSEARCH_CACHE, or --artifacts)"
+        ) from None
     if not location.is_s3:
         return AssetCache(cache_dir)
     return AssetCache(

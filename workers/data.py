@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdsearch.service.errors import KdsearchError
+from kdsearch.service.errors import KdsearchError, first_line
 from kdsearch.service.spec import DataSpec
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,15 @@ def _label(value: str, path: Path, line: int) -> int:
 
 def read_glue_tsv(path: Path, task: str) -> Split:
     """Read one GLUE TSV: quoting off (GLUE texts contain stray quotes), BOM tolerated."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as exc:
+        raise KdsearchError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise KdsearchError(f"{path}: cannot be read ({first_line(exc)})") from None
     if not rows:
         raise KdsearchError(f"{path}: the file is empty; give a GLUE TSV with a header")
     first_cols, second_cols, label_cols = _COLUMNS[task]

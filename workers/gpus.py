@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kdsearch.service.errors import KdsearchError
+from kdsearch.service.errors import InfrastructureError, KdsearchError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +62,28 @@ def claim_gpu(gpus: list[str], lock_dir: Path, slots_per_gpu: int = 1) -> GpuCla
         )
     if slots_per_gpu < 1:
         raise KdsearchError(f"--workers-per-gpu must be at least 1 but got {slots_per_gpu}")
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        handles = {
+            (gpu, slot): open(lock_dir / f"gpu-{gpu}-slot-{slot}.lock", "a")
+            for slot in range(slots_per_gpu)
+            for gpu in gpus
+        }
+    except OSError as exc:
+        raise InfrastructureError(
+            f"cannot use the GPU claim folder {str(lock_dir)!r}: {first_line(exc)}; give a "
+            "writable --gpu-lock-dir shared by this machine's workers"
+        ) from None
     for slot in range(slots_per_gpu):
         for gpu in gpus:
-            handle = open(lock_dir / f"gpu-{gpu}-slot-{slot}.lock", "a")
+            handle = handles.pop((gpu, slot))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
                 continue
+            for other in handles.values():
+                other.close()
             return GpuClaim(gpu, slot, handle)
     raise KdsearchError(
         f"all {len(gpus)} GPUs x {slots_per_gpu} workers per GPU are taken "

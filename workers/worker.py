@@ -34,9 +34,16 @@ from kdsearch.service.artifacts import (
     open_artifact_store,
     resolve_cache_dir,
 )
-from kdsearch.service.errors import FailureStreak, InfrastructureError
+from kdsearch.service.errors import FailureStreak, InfrastructureError, StorageUnavailable
+from kdsearch.service.faults import fault_point
 from kdsearch.service.pruning import should_prune
-from kdsearch.service.record import ProbePoint, TrialRecord
+from kdsearch.service.record import (
+    FailureKind,
+    ProbePoint,
+    TrialAttr,
+    TrialRecord,
+    set_trial_attrs,
+)
 from kdsearch.service.report import update_study_note
 from kdsearch.service.spec import StudySpec
 from kdsearch.service.storage import open_storage, study_lock, with_reconnect
@@ -45,6 +52,7 @@ from kdsearch.service.study import (
     RequeueStale,
     build_sampler,
     claim_trial,
+    halted_reason,
     load_stored_spec,
     record_artifact_location,
     requeue,
@@ -63,6 +71,9 @@ T = TypeVar("T")
 
 # A worker whose trials keep raising stops rather than burn the whole budget on FAILs.
 MAX_CONSECUTIVE_FAILURES = 3
+# A stopping worker gives the database this long to record its trial as failed (docker
+# stop waits 60 s); past it, the trial goes stale and another worker re-queues it.
+STOP_STORAGE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,10 @@ class Worker:
     def __init__(self, options: WorkerOptions, stop: GracefulStop | None = None) -> None:
         self.options = options
         self.stop = stop or GracefulStop()
+        self._deadline: float | None = None  # caps every storage retry once set (stopping)
 
     def _db(self, call: Callable[[], T], what: str) -> T:
-        return with_reconnect(call, what, self.options.storage_timeout_s)
+        return with_reconnect(call, what, self.options.storage_timeout_s, self._deadline)
 
     def setup(self) -> None:
         options = self.options
@@ -150,6 +162,11 @@ class Worker:
                     "study %s: budget of %d trials reached", self.spec.name, self.spec.n_trials
                 )
                 break
+            if claimed is Claim.HALTED:
+                reason = self._db(
+                    lambda: halted_reason(self.storage, self.spec.name), "reading the study"
+                )
+                raise FailureStreak(f"study {self.spec.name!r} is halted: {reason}")
             if claimed is Claim.WAIT:
                 # Others' trials are running; one may still fail and need a re-run.
                 with self.stop.interruptible():
@@ -171,8 +188,9 @@ class Worker:
         created: list[optuna.Trial] = []
 
         def attempt() -> optuna.Trial | Claim:
-            while created:
-                self._abandon(created.pop())
+            while created:  # popped only once failed: a retry during an outage keeps it
+                self._abandon(created[-1])
+                created.pop()
             return claim_trial(self.study, self.spec, self.storage, on_ask=created.append)
 
         return self._db(attempt, "claiming a trial")
@@ -183,6 +201,7 @@ class Worker:
             logger.warning(
                 "trial %d: its claim failed halfway; failed and re-queued", frozen.number
             )
+            set_trial_attrs(self.storage, trial._trial_id, {TrialAttr.FAILURE: FailureKind.CLAIM})
             self.study.tell(trial, state=TrialState.FAIL)
             requeue(self.study, frozen, self.spec.reliability.max_retries, "claim failed", False)
 
@@ -205,20 +224,27 @@ class Worker:
                     result = job.run()
                 if math.isnan(result.sigma):
                     raise ValueError("no train input is predicted right by both models")
+                fault_point("before-record")
                 self.recorder.finished(trial, result)
             except optuna.TrialPruned as pruned:
                 logger.info("trial %d pruned: %s", trial.number, pruned)
                 self._finish(trial, state=TrialState.PRUNED)
                 return True
             except StopRequested:
-                self._fail(trial, "worker stopped during the trial (re-queued)", count=False)
+                self._deadline = time.monotonic() + STOP_STORAGE_S
+                try:
+                    self._fail(trial, "worker stopped during the trial", FailureKind.STOPPED)
+                except StorageUnavailable:
+                    logger.warning("could not record the stop; the trial will go stale instead")
                 raise
+            except StorageUnavailable:
+                raise  # the database is gone: nothing to record; the trial goes stale
             except InfrastructureError as exc:
-                self._fail(trial, f"infrastructure: {exc}", count=False)
+                self._fail(trial, f"infrastructure: {exc}", FailureKind.INFRASTRUCTURE)
                 raise
             except Exception as exc:
                 logger.error("trial %d failed: %s", trial.number, exc, exc_info=True)
-                self._fail(trial, f"{type(exc).__name__}: {exc}", count=True)
+                self._fail(trial, f"{type(exc).__name__}: {exc}", FailureKind.TRIAL)
                 return False
         # Objectives: sigma on X_train and the dev accuracy drop, both minimised.
         self._finish(trial, values=[result.sigma, result.accuracy_drop])
@@ -266,8 +292,11 @@ class Worker:
         with study_lock(self.storage, self.spec.name):
             update_study_note(self.study, self.spec)
 
-    def _fail(self, trial: optuna.Trial, error: str, count: bool) -> None:
-        self.recorder.failed(trial, error)
+    def _fail(self, trial: optuna.Trial, error: str, kind: str) -> None:
+        """FAIL the trial with its error and re-queue it; only a failure of the trial's own
+        doing (``FailureKind.TRIAL``) uses up a retry."""
+        count = kind == FailureKind.TRIAL
+        self.recorder.failed(trial, error, kind)
         self._finish(trial, state=TrialState.FAIL)
         frozen: FrozenTrial = self._db(
             lambda: self.storage.get_trial(trial._trial_id), "reading the failed trial"
