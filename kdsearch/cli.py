@@ -404,12 +404,14 @@ def _report(args: argparse.Namespace) -> int:
     import optuna
 
     from kdsearch.service.report import (
+        depth_png,
         format_csv,
         format_json,
         format_markdown,
         pareto_png,
         summarize,
     )
+    from kdsearch.service.spec import DEPTH
     from kdsearch.service.storage import open_storage, resolve_storage_url
     from kdsearch.service.study import load_stored_spec
 
@@ -429,6 +431,8 @@ def _report(args: argparse.Namespace) -> int:
             (out / f"report.{args.format}").write_text(text)
             for study, spec in zip(studies, specs, strict=True):
                 pareto_png(study, spec, out / f"{spec.name}-pareto.png")
+                if DEPTH in spec.search_space:
+                    depth_png(study, spec, out / f"{spec.name}-depth.png")
         except OSError as exc:
             raise InfrastructureError(
                 f"cannot write the report to {str(out)!r}: {first_line(exc)}; give a writable "

@@ -99,16 +99,20 @@ class TrialOutcome:
     """Everything a finished trial measured. Field names are the user-attr keys."""
 
     # objectives (also the trial's values)
-    sigma: float  # the paper's sigma on the train split
-    accuracy_drop: float  # teacher dev accuracy - student dev accuracy, a fraction
+    sigma: float  # the paper's sigma on the train split (the worst class's, for C > 2)
+    accuracy_drop: float  # reference dev accuracy - student dev accuracy, a fraction
+    # both readings of the paper's "within 1%", whichever is the objective
+    accuracy_drop_teacher: float  # teacher dev accuracy - student dev accuracy
     # confidence figures on train (where sigma is defined) and dev, over both-correct inputs
     train_sigma: float
+    train_sigma_per_class: list[float]  # std of p_c differences, one per class
     train_sigma_predicted_class: float  # predicted-class probability instead of p0
     train_mean_abs_delta: float
     train_rms_delta: float
     train_n_kept: int  # inputs both models get right
     train_n_total: int
     dev_sigma: float
+    dev_sigma_per_class: list[float]
     dev_sigma_predicted_class: float
     dev_mean_abs_delta: float
     dev_rms_delta: float
@@ -132,6 +136,8 @@ class TrialOutcome:
     student_dev_f1: float | None = None
     teacher_dev_mcc: float | None = None  # CoLA
     student_dev_mcc: float | None = None
+    accuracy_drop_baseline: float | None = None  # baseline's (trial 0's) student, once known
+    selected_epoch: float | None = None  # training.selection best_dev: the scored evaluation
     stage1_epoch_losses: list[float] | None = None  # when the trial ran stage 1 itself
     peak_memory_mb: float | None = None  # GPU only
 

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsearch.service.record import TrialRecord
-from kdsearch.service.spec import StudySpec
+from kdsearch.service.spec import DEPTH, StudySpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class StudySummary:
     n_running: int
     gpu_hours: float
     cpu_hours: float
+    by_depth: list[dict[str, Any]] | None = None  # when the student's depth is searched
 
 
 def _student_name(spec: StudySpec) -> str:
@@ -87,7 +88,34 @@ def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
         n_running=sum(t.state == TrialState.RUNNING for t in trials),
         gpu_hours=round(hours["gpu"], 4),
         cpu_hours=round(hours["cpu"], 4),
+        by_depth=depth_rows(complete, spec) if DEPTH in spec.search_space else None,
     )
+
+
+def _depth(trial: TrialRecord, spec: StudySpec) -> int:
+    return int(trial.params.get(DEPTH, spec.student.teacher_layers or 0))
+
+
+def depth_rows(complete: list[TrialRecord], spec: StudySpec) -> list[dict[str, Any]]:
+    """sigma and the accuracy drop against the student's depth (its teacher layers), over
+    the finished trials at each depth."""
+    rows = []
+    depths = sorted({_depth(t, spec) for t in complete})
+    for depth in depths:
+        at = [t for t in complete if _depth(t, spec) == depth]
+        sigmas = sorted(t.sigma for t in at if t.sigma is not None)
+        drops = [t.accuracy_drop for t in at if t.accuracy_drop is not None]
+        rows.append(
+            {
+                "depth": depth,
+                "trials": len(at),
+                "best_sigma": sigmas[0],
+                "median_sigma": sigmas[len(sigmas) // 2],
+                "best_accuracy_drop": min(drops),
+                "feasible": sum(bool(t.feasible) for t in at),
+            }
+        )
+    return rows
 
 
 COLUMNS = [
@@ -128,7 +156,18 @@ def format_markdown(summaries: list[StudySummary]) -> str:
     for s in summaries:
         row = asdict(s)
         lines.append("| " + " | ".join(_cell(k, row[k]) for k, _ in COLUMNS) + " |")
+    for s in summaries:
+        if s.by_depth:
+            lines += ["", f"{s.study}: sigma and accuracy drop against the student's depth", ""]
+            lines += _markdown_table(s.by_depth)
     return "\n".join(lines)
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(_cell(k, r[k]) for k in keys) + " |" for r in rows]
+    return out
 
 
 def format_csv(summaries: list[StudySummary]) -> str:
@@ -172,6 +211,33 @@ def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
     ax.legend(fontsize=7)
     fig = ax.get_figure()
     fig.set_size_inches(6.5, 4.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def depth_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
+    """sigma and the accuracy drop of every finished trial against its student's depth,
+    with the thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    complete = [t for t in records(study) if t.state == TrialState.COMPLETE and t.values]
+    depth = [_depth(t, spec) for t in complete]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    panels = (
+        (0, "sigma (train)", spec.thresholds.sigma_max),
+        (1, "accuracy_drop (dev)", spec.thresholds.accuracy_drop_max),
+    )
+    for ax, (index, label, limit) in zip(axes, panels, strict=True):
+        ax.scatter(depth, [t.values[index] for t in complete], s=18)  # type: ignore[index]
+        ax.axhline(limit, color="#555555", ls="--", lw=1)
+        ax.set_xlabel("student depth (teacher layers)")
+        ax.set_ylabel(label)
+        ax.set_xticks(sorted(set(depth)))
+    fig.suptitle(f"{spec.name}: confidence preservation against depth")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

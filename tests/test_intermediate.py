@@ -166,3 +166,57 @@ def test_stage1_searched_runs_in_every_trial(tmp_path: Path, stage1_spec_text: s
     assert result.outcome.stage1_epoch_losses is not None
     assert len(result.outcome.stage1_epoch_losses) == 2
     assert 0 <= result.sigma < 1
+
+
+REPRODUCE = """
+import sys
+from pathlib import Path
+
+import torch
+
+from kdsearch.service.spec import load_spec
+from kdsearch.workers.assets import AssetCache, prepare_assets
+from kdsearch.workers.trial import build_trial
+
+torch.set_num_threads(1)
+spec = load_spec(sys.argv[1])
+assets = prepare_assets(spec, AssetCache(Path(sys.argv[2])), torch.device("cpu"))
+params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
+print(repr(build_trial(spec, assets, params, torch.device("cpu")).run().sigma))
+"""
+
+
+def test_a_trial_from_the_shared_stage1_student_is_the_same_in_every_process(
+    tmp_path: Path, stage1_spec_text: str
+) -> None:
+    import subprocess
+    import sys
+
+    spec_file = write_spec(tmp_path / "s.yaml", stage1_spec_text)
+    command = [sys.executable, "-c", REPRODUCE, str(spec_file), str(tmp_path / "cache")]
+    # The first builds the stage-1 student, the second reuses it.
+    runs = [subprocess.run(command, capture_output=True, text=True, timeout=300) for _ in (1, 2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    first, second = (float(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first == second and 0 < first < 1
+
+
+def test_export_reproduces_a_trial_from_the_shared_stage1_student(
+    tmp_path: Path, stage1_spec_text: str
+) -> None:
+    import json
+
+    import kdsearch
+    from kdsearch.workers.export import export_student
+
+    text = stage1_spec_text.replace("n_trials: 3", "n_trials: 1")
+    storage = f"sqlite:///{tmp_path / 'k.db'}"
+    study = kdsearch.create_study(
+        load_spec(write_spec(tmp_path / "s.yaml", text)), storage, str(tmp_path / "art")
+    )
+    study.run_worker(threads=1)
+    card = export_student(storage, "st1", tmp_path / "out", None, trial_number=0, device_name="cpu")
+    assert card["reproduced_within_tolerance"] is True, card
+    assert card["reproduced"]["sigma"] == card["recorded"]["sigma"]
+    assert json.loads((tmp_path / "out" / "kdsearch_card.json").read_text())["trial"] == 0

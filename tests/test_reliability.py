@@ -202,7 +202,7 @@ def test_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
     tmp_path, storage_url, tiny_bert_dir, fixture_glue, probe_every_steps, probed_at
 ) -> None:
     edits = {
-        **epochs(3, 1, 3),
+        **epochs(1, 1, 3),
         "probe_size: 64}": "probe_size: 64, sigma_tolerance: 0, accuracy_drop_tolerance: 0, "
         f"probe_every_steps: {probe_every_steps}}}",
         "n_trials: 2": "n_trials: 2\nthresholds: {sigma_max: 1.0e-9, accuracy_drop_max: 0}",
@@ -218,19 +218,22 @@ def test_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
         **edits,
     )
     optuna.load_study(study_name="pruned", storage=storage_url).enqueue_trial(
-        {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
+        {"learning_rate": 1e-3, "batch_size": 32, "epochs": 3}
     )
     options = WorkerOptions(storage_url, "pruned", str(tmp_path / "art"), threads=1)
     assert Worker(options).run() == 0
-    pruned, finished = trials(storage_url, "pruned")
+    # The baseline (every other trial's point of comparison) is never pruned, even over
+    # the thresholds; the queued trial is.
+    finished, pruned = trials(storage_url, "pruned")
+    assert finished.user_attrs[TrialAttr.BASELINE] is True
     assert pruned.state == TrialState.PRUNED and pruned.values is None
     assert pruned.user_attrs["pruned_by"] == "threshold"
     assert [p["epoch"] for p in pruned.user_attrs[TrialAttr.PROBES]] == pytest.approx(probed_at)
     assert TrialRecord.of(pruned).feasible is False  # judged by its last probe
     assert finished.state == TrialState.COMPLETE and TrialRecord.of(finished).feasible is False
     assert finished.system_attrs["constraints"][0] == pytest.approx(finished.values[0] - 1e-9)
-    # 1 epoch in batches of 16: 10 steps; with probes every 4 steps: 0.4, 0.8, then 1.0
-    finished_at = [1] if probe_every_steps == "null" else [0.4, 0.8, 1.0]
+    # 1 epoch in batches of 32: 5 steps; with probes every 4 steps: 0.8, then 1.0
+    finished_at = [1] if probe_every_steps == "null" else [0.8, 1.0]
     assert [p["epoch"] for p in finished.user_attrs[TrialAttr.PROBES]] == pytest.approx(finished_at)
     assert optuna.load_study(study_name="pruned", storage=storage_url).best_trials == []
 

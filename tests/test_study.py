@@ -19,8 +19,10 @@ from kdsearch.service.study import (
     build_sampler,
     claim_trial,
     create_or_attach,
+    halted_reason,
     load_stored_spec,
     trial_hyperparameters,
+    unhalt,
     worker_seed,
 )
 from tests.helpers import tiny_spec_text, write_spec
@@ -159,3 +161,32 @@ def test_every_sampler_records_feasibility(tmp_path: Path, spec: StudySpec, samp
         trial.set_user_attr("accuracy_drop", 0.0)
         study.tell(trial, [sigma, 0.0])
     assert [TrialRecord.of(t).feasible for t in study.trials] == [True, False]
+
+
+def test_with_the_baseline_as_reference_nothing_else_runs_before_it(
+    storage_url: str, spec: StudySpec
+) -> None:
+    thresholds = spec.thresholds.model_copy(update={"accuracy_reference": "baseline"})
+    spec = spec.model_copy(update={"thresholds": thresholds})
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    studies = [
+        optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, i))
+        for i in range(2)
+    ]
+    baseline = claim_trial(studies[0], spec, storage)
+    assert isinstance(baseline, optuna.Trial) and baseline.number == 0
+    assert claim_trial(studies[1], spec, storage) is Claim.WAIT  # the baseline is running
+    studies[0].tell(baseline, state=TrialState.FAIL)  # failed, not re-queued: study halted
+    assert claim_trial(studies[1], spec, storage) is Claim.HALTED
+    assert "the baseline (trial 0" in (halted_reason(storage, "s1") or "")
+    # re-queued (as a retry would be): it runs first, then the others may start
+    studies[0].enqueue_trial(baseline.params, user_attrs={TrialAttr.BASELINE: True})
+    assert unhalt(storage, "s1")
+    rerun = claim_trial(studies[1], spec, storage)
+    assert isinstance(rerun, optuna.Trial) and rerun.user_attrs[TrialAttr.BASELINE]
+    assert claim_trial(studies[0], spec, storage) is Claim.WAIT
+    for key, value in {"sigma": 0.04, "accuracy_drop": 0.0, "train_n_total": 1}.items():
+        rerun.set_user_attr(key, value)
+    studies[1].tell(rerun, [0.04, 0.0])
+    assert isinstance(claim_trial(studies[0], spec, storage), optuna.Trial)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.service.record import ProbePoint
+from kdsearch.service.spec import StudySpec, TrainingSpec, load_spec
 from kdsearch.workers.assets import AssetCache, StudyAssets, load_study_teacher, prepare_assets
 from kdsearch.workers.inference import predict_logits
 from kdsearch.workers.trial import build_trial
@@ -53,7 +54,7 @@ def test_assets_are_computed_once_and_reused(
 
 def test_teacher_fine_tuning_learns_the_task(assets: StudyAssets) -> None:
     # 160 real SST-2 rows, tiny random BERT: fine-tuning must beat the majority class.
-    majority = max(np.mean(assets.train.labels.numpy()), 1 - np.mean(assets.train.labels.numpy()))
+    majority = max(np.mean(assets.labels_train), 1 - np.mean(assets.labels_train))
     assert assets.teacher_train_accuracy > majority + 0.05
 
 
@@ -88,7 +89,38 @@ def test_recorded_figures_are_consistent(spec: StudySpec, assets: StudyAssets) -
 
 def test_evaluation_does_not_depend_on_batch_size(assets: StudyAssets, spec: StudySpec) -> None:
     teacher = load_study_teacher(spec, assets)
-    one = predict_logits(teacher, assets.dev, 1, CPU, assets.pad_id)
-    many = predict_logits(teacher, assets.dev, 64, CPU, assets.pad_id)
+    dev, pad = assets.teacher_inputs.dev, assets.teacher_inputs.pad_id
+    one = predict_logits(teacher, dev, 1, CPU, pad)
+    many = predict_logits(teacher, dev, 64, CPU, pad)
     torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(many, assets.teacher_logits_dev, rtol=1e-4, atol=1e-5)
+
+
+def test_best_dev_selection_scores_the_best_evaluation(
+    spec: StudySpec, assets: StudyAssets
+) -> None:
+    selecting = spec.model_copy(
+        update={"training": TrainingSpec(selection="best_dev", eval_every_steps=3)}
+    )
+    points: list[ProbePoint] = []
+    params = {"learning_rate": 5e-3, "batch_size": 16, "epochs": 2}
+    result = build_trial(selecting, assets, params, CPU, on_probe=points.append).run()
+    # 10 steps per epoch: evaluations at steps 3, 6, 9, 10 (epoch end), 12, 15, 18, 20
+    assert [p.epoch for p in points] == pytest.approx([0.3, 0.6, 0.9, 1.0, 1.2, 1.5, 1.8, 2.0])
+    o = result.outcome
+    best = min(points, key=lambda p: (p.accuracy_drop, p.epoch))  # the first of the best
+    assert o.selected_epoch == pytest.approx(best.epoch)
+    assert o.student_dev_accuracy == pytest.approx(o.teacher_dev_accuracy - best.accuracy_drop)
+    # the scored student is that one: its train figures are recomputed for it
+    last = build_trial(spec, assets, params, CPU).run().outcome
+    assert last.selected_epoch is None
+    assert (o.selected_epoch == 2.0) == (o.student_train_accuracy == last.student_train_accuracy)
+
+
+def test_bertadam_trains_the_student(spec: StudySpec, assets: StudyAssets) -> None:
+    paper = spec.model_copy(update={"training": TrainingSpec(optimizer="bertadam")})
+    params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2}
+    bert = build_trial(paper, assets, params, CPU).run().outcome
+    adamw = build_trial(spec, assets, params, CPU).run().outcome
+    assert bert.epoch_losses[1] < bert.epoch_losses[0]
+    assert bert.sigma != adamw.sigma  # another optimizer, another student

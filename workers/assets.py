@@ -14,6 +14,7 @@ safetensors, figures JSON, models ``model.safetensors`` loaded with ``use_safete
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -31,12 +32,12 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdsearch.service.artifacts import ArtifactLocation, S3Bucket, require_writable
-from kdsearch.service.errors import InfrastructureError, first_line
+from kdsearch.service.errors import InfrastructureError, KdsearchError, first_line
 from kdsearch.service.hashing import stable_hash
 from kdsearch.service.spec import Stage1Spec, StudySpec
 from kdsearch.service.storage import assets_lock, file_lock
 from kdsearch.workers.batching import Encoded, encode
-from kdsearch.workers.data import NUM_LABELS, data_fingerprint, load_split
+from kdsearch.workers.data import TaskData, data_fingerprint, load_task_data
 from kdsearch.workers.inference import predict_logits, probabilities
 from kdsearch.workers.intermediate import (
     SCORES_ATTENTION,
@@ -52,20 +53,71 @@ logger = logging.getLogger(__name__)
 
 _TENSORS = "assets.safetensors"
 _FIGURES = "assets.json"
-FORMAT_VERSION = 3  # bump when the saved format changes
+FORMAT_VERSION = 4  # bump when the saved format changes
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The study's rows tokenised by one model's tokenizer: the unaugmented train split
+    (where sigma is measured), dev, and the augmented train file when there is one."""
+
+    train: Encoded
+    dev: Encoded
+    train_augmented: Encoded | None
+    pad_id: int
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {**self.train.to_tensors("train"), **self.dev.to_tensors("dev")}
+        if self.train_augmented is not None:
+            out.update(self.train_augmented.to_tensors("train_augmented"))
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], pad_id: int) -> Inputs:
+        augmented = (
+            Encoded.from_tensors(tensors, "train_augmented")
+            if "train_augmented.offsets" in tensors
+            else None
+        )
+        return cls(
+            Encoded.from_tensors(tensors, "train"),
+            Encoded.from_tensors(tensors, "dev"),
+            augmented,
+            pad_id,
+        )
 
 
 @dataclass(frozen=True)
 class StudyAssets:
-    train: Encoded
-    dev: Encoded
+    teacher_inputs: Inputs  # what the teacher's logits were computed on (and stage 1's)
+    student_inputs: Inputs  # the same object when the student shares the teacher's tokenizer
     teacher_logits_train: torch.Tensor  # (N_train, C)
     teacher_logits_dev: torch.Tensor  # (N_dev, C)
+    teacher_logits_augmented: torch.Tensor | None  # (N_aug, C), when there is an augmented file
     teacher_metrics: dict[str, float]  # dev metrics of the teacher (accuracy, f1/mcc)
     teacher_train_accuracy: float
-    pad_id: int
+    label_names: tuple[str, ...]
     folder: Path
     stage1_student: Path | None = None  # the study's shared stage-1 student, if any
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def labels_train(self) -> np.ndarray:
+        return self.teacher_inputs.train.labels.numpy()
+
+    @property
+    def labels_dev(self) -> np.ndarray:
+        return self.teacher_inputs.dev.labels.numpy()
+
+    @property
+    def distill_targets(self) -> torch.Tensor:
+        """The teacher's logits on the rows stage 2 trains on (augmented ones if given)."""
+        if self.teacher_logits_augmented is not None:
+            return self.teacher_logits_augmented
+        return self.teacher_logits_train
 
     @property
     def teacher_dev_accuracy(self) -> float:
@@ -85,7 +137,7 @@ def assets_key(spec: StudySpec) -> str:
     return stable_hash(
         {
             "teacher": spec.teacher.model_dump(mode="json"),
-            "data": data_fingerprint(spec.data, spec.task),
+            "data": data_fingerprint(spec),
             "task": spec.task,
             "max_seq_length": spec.max_seq_length,
             "seed": spec.seed,
@@ -192,16 +244,27 @@ def open_asset_cache(
 
 
 def prepare_assets(spec: StudySpec, cache: AssetCache, device: torch.device) -> StudyAssets:
-    """Load the study's assets, computing them first if no worker has yet."""
+    """Load the study's assets, computing them first if no worker has yet: the teacher's
+    side (its logits, on its tokenization), then the student's own tokenization when it
+    has another tokenizer, then the shared stage-1 student when the spec asks for one."""
     folder = cache.folder(
         f"{spec.task}-{assets_key(spec)}",
         "study assets",
         lambda tmp: _compute_assets(spec, tmp, device),
     )
     assets = _load_assets(folder)
+    student = _student_inputs(spec, assets, cache)
+    if student is not assets.student_inputs:
+        if spec.stage1 is not None:
+            raise KdsearchError(
+                "stage1: intermediate-layer distillation compares the models token by token, "
+                "so it needs a student with the teacher's tokenizer; remove stage1 or choose "
+                "such a student"
+            )
+        assets = dataclasses.replace(assets, student_inputs=student)
     if spec.stage1 is not None and not spec.stage1_per_trial:
         stage1 = _prepare_stage1_student(spec, assets, cache, device)
-        assets = StudyAssets(**{**vars(assets), "stage1_student": stage1})
+        assets = dataclasses.replace(assets, stage1_student=stage1)
     return assets
 
 
@@ -209,26 +272,80 @@ def _load_assets(folder: Path) -> StudyAssets:
     try:
         tensors = load_file(folder / _TENSORS)
         figures = json.loads((folder / _FIGURES).read_text())
+        inputs = Inputs.from_tensors(tensors, int(figures["pad_id"]))
     except Exception as exc:  # truncated or tampered files: refuse, never guess
         raise InfrastructureError(
             f"the study assets in {str(folder)!r} cannot be read ({first_line(exc)}); delete "
             "that folder so that the next worker rebuilds it"
         ) from None
     return StudyAssets(
-        train=Encoded.from_tensors(tensors, "train"),
-        dev=Encoded.from_tensors(tensors, "dev"),
+        teacher_inputs=inputs,
+        student_inputs=inputs,
         teacher_logits_train=tensors["teacher_logits.train"],
         teacher_logits_dev=tensors["teacher_logits.dev"],
+        teacher_logits_augmented=tensors.get("teacher_logits.train_augmented"),
         teacher_metrics=figures["teacher_metrics"],
         teacher_train_accuracy=figures["teacher_train_accuracy"],
-        pad_id=int(figures["pad_id"]),
+        label_names=tuple(figures["label_names"]),
         folder=folder,
+    )
+
+
+def _student_tokenizer_ref(spec: StudySpec) -> str | None:
+    """The student's own tokenizer, or None when it uses the teacher's: a student made
+    from the teacher's layers does; a separate checkpoint does when its vocabulary and
+    tokenizer class are the teacher's."""
+    if spec.student.model is None:
+        return None
+    teacher, student = load_tokenizer(spec.teacher.model), load_tokenizer(spec.student.model)
+    same = type(teacher) is type(student) and teacher.get_vocab() == student.get_vocab()
+    return None if same else spec.student.model
+
+
+def _student_inputs(spec: StudySpec, assets: StudyAssets, cache: AssetCache) -> Inputs:
+    ref = _student_tokenizer_ref(spec)
+    if ref is None:
+        return assets.teacher_inputs
+    logger.info("the student %s has its own tokenizer: tokenising the data for it", ref)
+    key = stable_hash({"assets": assets.folder.name, "tokenizer": ref, "version": FORMAT_VERSION})
+
+    def build(tmp: Path) -> None:
+        tokenizer = load_tokenizer(ref)
+        data = load_task_data(spec)
+        inputs = _encode_all(tokenizer, data, spec.max_seq_length)
+        save_file(inputs.to_tensors(), tmp / _TENSORS)
+        (tmp / _FIGURES).write_text(json.dumps({"pad_id": inputs.pad_id}))
+
+    folder = cache.folder(f"student-inputs-{key}", "the student's tokenised data", build)
+    try:
+        pad_id = int(json.loads((folder / _FIGURES).read_text())["pad_id"])
+        return Inputs.from_tensors(load_file(folder / _TENSORS), pad_id)
+    except Exception as exc:
+        raise InfrastructureError(
+            f"{str(folder)!r} cannot be read ({first_line(exc)}); delete it to rebuild it"
+        ) from None
+
+
+def _encode_all(tokenizer: PreTrainedTokenizerBase, data: TaskData, max_len: int) -> Inputs:
+    augmented = data.train_augmented
+    return Inputs(
+        encode(tokenizer, data.train, max_len),
+        encode(tokenizer, data.dev, max_len),
+        None if augmented is None else encode(tokenizer, augmented, max_len),
+        _pad_id(tokenizer),
     )
 
 
 def teacher_ref(spec: StudySpec, assets: StudyAssets) -> str:
     """The teacher the trials distil from: the fine-tuned copy when there is one."""
     return str(assets.folder / "teacher") if spec.teacher.finetune else spec.teacher.model
+
+
+def student_tokenizer_ref(spec: StudySpec, assets: StudyAssets) -> str:
+    """Where the student's tokenizer is (export saves it with the student)."""
+    if assets.student_inputs is not assets.teacher_inputs and spec.student.model:
+        return spec.student.model
+    return teacher_ref(spec, assets)
 
 
 def load_study_teacher(
@@ -238,7 +355,11 @@ def load_study_teacher(
     there by kdsearch), else the spec's model."""
     fine_tuned = spec.teacher.finetune is not None
     return load_model(
-        teacher_ref(spec, assets), "teacher", NUM_LABELS, attention, safetensors_only=fine_tuned
+        teacher_ref(spec, assets),
+        "teacher",
+        assets.num_labels,
+        attention,
+        safetensors_only=fine_tuned,
     )
 
 
@@ -251,7 +372,8 @@ def run_stage1(
     seed: int,
 ) -> list[float]:
     """TinyBERT stage 1 on ``student`` (in place, loaded with ``SCORES_ATTENTION``)
-    against the study's teacher; returns the mean loss of each epoch."""
+    against the study's teacher, on the augmented train file when there is one; returns
+    the mean loss of each epoch."""
     teacher = load_study_teacher(spec, assets, attention=SCORES_ATTENTION)
     objective = IntermediateDistillation(student, teacher)
     checkpoint = resolve_model_ref(spec.student.model) if spec.student.model else None
@@ -268,9 +390,10 @@ def run_stage1(
         weight_decay=settings.weight_decay,
         schedule="constant",
     )
-    losses = fit(
-        student, assets.train, objective, loop, device, seed, assets.pad_id, label="stage 1"
-    )
+    inputs = assets.teacher_inputs
+    data = inputs.train_augmented or inputs.train
+    torch.manual_seed(seed)  # dropout masks
+    losses = fit(student, data, objective, loop, device, seed, inputs.pad_id, label="stage 1")
     student.set_attn_implementation("sdpa")  # stage 2 needs no scores: the fast kernel
     return losses
 
@@ -291,7 +414,11 @@ def _prepare_stage1_student(
 
     def build(tmp: Path) -> None:
         student = load_student(
-            spec.student, spec.teacher.model, NUM_LABELS, spec.seed, attention=SCORES_ATTENTION
+            spec.student,
+            spec.teacher.model,
+            assets.num_labels,
+            spec.seed,
+            attention=SCORES_ATTENTION,
         )
         run_stage1(spec, assets, student, spec.stage1, device, spec.seed)  # type: ignore[arg-type]
         student.save_pretrained(tmp)
@@ -301,16 +428,14 @@ def _prepare_stage1_student(
 
 def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None:
     tokenizer = load_tokenizer(spec.teacher.model)
-    train_split = load_split(spec.data, spec.task, "train")
-    dev_split = load_split(spec.data, spec.task, "dev")
-    train = encode(tokenizer, train_split, spec.max_seq_length)
-    dev = encode(tokenizer, dev_split, spec.max_seq_length)
-    pad_id = _pad_id(tokenizer)
+    data = load_task_data(spec)
+    inputs = _encode_all(tokenizer, data, spec.max_seq_length)
+    train, dev = inputs.train, inputs.dev
 
     # Seeded before the teacher exists: its new classifier head is drawn here, so two
     # builds of the same key (a rebuilt cache) give the same teacher.
     torch.manual_seed(spec.seed)
-    teacher = load_model(spec.teacher.model, "teacher", NUM_LABELS)
+    teacher = load_model(spec.teacher.model, "teacher", data.num_labels)
     if spec.teacher.finetune is not None:
         logger.info("fine-tuning the teacher on %d train rows", len(train))
         settings = spec.teacher.finetune
@@ -322,17 +447,23 @@ def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None
             warmup_proportion=settings.warmup_proportion,
         )
         objective = LabelCrossEntropy(train.labels)
-        fit(teacher, train, objective, loop, device, spec.seed, pad_id, label="teacher fine-tuning")
+        fit(
+            teacher, train, objective, loop, device, spec.seed, inputs.pad_id,
+            label="teacher fine-tuning",
+        )  # fmt: skip
         teacher.save_pretrained(folder / "teacher")  # model.safetensors
         tokenizer.save_pretrained(folder / "teacher")
     # Teacher logits are fixed during distillation: computed once here, never per step.
-    logits_train = predict_logits(
-        teacher, train, spec.eval_batch_size, device, pad_id, label="teacher on train"
-    )
-    logits_dev = predict_logits(
-        teacher, dev, spec.eval_batch_size, device, pad_id, label="teacher on dev"
-    )
-    probs_train, probs_dev = probabilities(logits_train), probabilities(logits_dev)
+    batch, pad = spec.eval_batch_size, inputs.pad_id
+    logits = {
+        "train": predict_logits(teacher, train, batch, device, pad, label="teacher on train"),
+        "dev": predict_logits(teacher, dev, batch, device, pad, label="teacher on dev"),
+    }
+    if inputs.train_augmented is not None:
+        logits["train_augmented"] = predict_logits(
+            teacher, inputs.train_augmented, batch, device, pad, label="teacher on train_aug"
+        )
+    probs_train, probs_dev = probabilities(logits["train"]), probabilities(logits["dev"])
     write_predictions(folder / "teacher_train.csv", probs_train, train.labels.numpy())
     write_predictions(folder / "teacher_dev.csv", probs_dev, dev.labels.numpy())
     dev_metrics = task_metrics(spec.task, probs_dev, dev.labels.numpy())
@@ -340,19 +471,13 @@ def _compute_assets(spec: StudySpec, folder: Path, device: torch.device) -> None
     logger.info(
         "teacher: train accuracy %.4f, dev accuracy %.4f", train_accuracy, dev_metrics["accuracy"]
     )
-    save_file(
-        {
-            **train.to_tensors("train"),
-            **dev.to_tensors("dev"),
-            "teacher_logits.train": logits_train.contiguous(),
-            "teacher_logits.dev": logits_dev.contiguous(),
-        },
-        folder / _TENSORS,
-    )
+    tensors = {f"teacher_logits.{k}": v.contiguous() for k, v in logits.items()}
+    save_file({**inputs.to_tensors(), **tensors}, folder / _TENSORS)
     figures = {
         "teacher_metrics": dev_metrics,
         "teacher_train_accuracy": train_accuracy,
-        "pad_id": pad_id,
+        "pad_id": inputs.pad_id,
+        "label_names": list(data.label_names),
         "version": FORMAT_VERSION,
     }
     (folder / _FIGURES).write_text(json.dumps(figures, indent=1))

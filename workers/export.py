@@ -26,8 +26,8 @@ from kdsearch.service.errors import KdsearchError
 from kdsearch.service.record import TrialRecord
 from kdsearch.service.report import best_feasible
 from kdsearch.service.storage import open_storage
-from kdsearch.service.study import load_stored_spec, study_artifacts
-from kdsearch.workers.assets import open_asset_cache, prepare_assets, teacher_ref
+from kdsearch.service.study import baseline_accuracy, load_stored_spec, study_artifacts
+from kdsearch.workers.assets import open_asset_cache, prepare_assets, student_tokenizer_ref
 from kdsearch.workers.device import pick_device
 from kdsearch.workers.models import load_tokenizer
 from kdsearch.workers.trial import build_trial
@@ -72,13 +72,17 @@ def export_student(
     cache = open_asset_cache(location, resolve_cache_dir(location, cache_dir), storage)
     assets = prepare_assets(spec, cache, device)
     logger.info("re-training trial %d of %s to export its student", trial.number, spec.name)
-    job = build_trial(spec, assets, trial.params, device)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    job = build_trial(
+        spec, assets, trial.params, device,
+        baseline_accuracy=baseline_accuracy(done), is_baseline=trial.baseline,
+    )  # fmt: skip
     result = job.run(keep_student=True)
     try:
         assert job.student is not None
         out_dir.mkdir(parents=True, exist_ok=True)
         job.student.save_pretrained(out_dir)
-        load_tokenizer(teacher_ref(spec, assets)).save_pretrained(out_dir)
+        load_tokenizer(student_tokenizer_ref(spec, assets)).save_pretrained(out_dir)
     finally:
         job.cleanup()
     recorded_sigma, recorded_drop = trial.values

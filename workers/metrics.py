@@ -13,10 +13,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ConfidenceStats:
-    """The paper's sigma and its companions, over the inputs both models get right."""
+    """The paper's sigma and its companions, over the inputs both models get right.
+
+    For C classes, ``sigma_per_class[c]`` is the population std of p_c_teacher -
+    p_c_student over those inputs, and ``sigma`` their maximum: the class whose confidence
+    is preserved worst. For two classes p_1 = 1 - p_0, so both per-class values are the
+    paper's sigma, and ``sigma`` is computed exactly as the authors did (on p_0).
+    ``mean_abs_delta`` and ``rms_delta`` are of that class's delta (p_0 for two classes)."""
 
     sigma: float
-    """Population std of delta = p0_teacher - p0_student (arXiv 2401.11365, sec. 1.3)."""
+    """Population std of delta = p0_teacher - p0_student (arXiv 2401.11365, sec. 1.3);
+    for more than two classes, the largest per-class value."""
+    sigma_per_class: list[float]
     sigma_predicted_class: float
     """Same, with the predicted-class probability instead of p0 (sign-free variant)."""
     mean_abs_delta: float
@@ -58,16 +66,22 @@ def confidence_stats(
     student_probs = np.asarray(student_probs, dtype=np.float64)
     labels = np.asarray(labels)
     keep = both_correct(teacher_probs, student_probs, labels)
+    n_classes = teacher_probs.shape[1]
     if not keep.any():
         nan = float("nan")
-        return ConfidenceStats(nan, nan, nan, nan, 0, len(labels))
-    delta = kept_deltas(teacher_probs, student_probs, labels, keep)  # (K,)
+        return ConfidenceStats(nan, [nan] * n_classes, nan, nan, nan, 0, len(labels))
+    deltas = teacher_probs[keep] - student_probs[keep]  # (K, C)
+    per_class = np.std(deltas, axis=0)  # (C,), ddof=0 as np.std in the authors' metrics.py
+    # Two classes: the paper's p0 value, exactly; more: the worst-preserved class.
+    worst = 0 if n_classes == 2 else int(np.argmax(per_class))
+    delta = deltas[:, worst]  # (K,)
     predicted = labels[keep]  # both models predict the label on kept rows
     delta_pred = (
         teacher_probs[keep, predicted] - student_probs[keep, predicted]
     )  # (K,): |delta_pred| == |delta| for binary tasks, the sign differs
     return ConfidenceStats(
-        sigma=float(np.std(delta)),  # ddof=0, as np.std in the authors' metrics.py
+        sigma=float(np.std(delta)),
+        sigma_per_class=[float(x) for x in per_class],
         sigma_predicted_class=float(np.std(delta_pred)),
         mean_abs_delta=float(np.mean(np.abs(delta))),
         rms_delta=float(np.sqrt(np.mean(delta**2))),
@@ -140,6 +154,13 @@ def task_metrics(task: str, probs: np.ndarray, labels: np.ndarray) -> dict[str, 
     if task == "cola":
         out["mcc"] = matthews_corrcoef(probs, labels)
     return out
+
+
+def selection_metric(task: str, probs: np.ndarray, labels: np.ndarray) -> float:
+    """What TinyBERT keeps the best checkpoint by: dev accuracy, MCC for CoLA."""
+    if task == "cola":
+        return matthews_corrcoef(probs, labels)
+    return accuracy(probs, labels)
 
 
 def agreement_rate(teacher_probs: np.ndarray, student_probs: np.ndarray) -> float:

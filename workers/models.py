@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    BertTokenizerFast,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -96,10 +97,18 @@ def load_model(
 
 
 def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer. A BERT checkpoint that ships only ``vocab.txt`` and a config
+    without ``model_type`` (TinyBERT's general checkpoints) gets BERT's WordPiece one."""
     location = resolve_model_ref(ref)
     try:
         return AutoTokenizer.from_pretrained(location)
     except Exception as exc:
+        raw = _raw_config(location)
+        if isinstance(raw, dict) and "model_type" not in raw and _BERT_KEYS <= raw.keys():
+            try:
+                return BertTokenizerFast.from_pretrained(location)
+            except Exception:
+                pass
         raise KdsearchError(
             f"cannot load the tokenizer of {ref!r}: {first_line(exc)}. The model folder needs "
             "its tokenizer files (tokenizer.json or vocab.txt)"

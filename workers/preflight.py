@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kdsearch.service.errors import KdsearchError, first_line
 from kdsearch.service.spec import PACKAGE_PREFIX, StudySpec, is_local_path
-from kdsearch.workers.data import load_split
+from kdsearch.workers.data import load_task_data
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +41,15 @@ def check_study_inputs(spec: StudySpec) -> list[str]:
 
 
 def _data_problems(spec: StudySpec) -> list[str]:
-    if spec.data.source != "local":
-        return []
-    problems = []
-    for split in ("train", "dev"):
-        try:
-            rows = load_split(spec.data, spec.task, split)
-        except KdsearchError as exc:
-            problems.append(f"data.path: {exc}")
-            continue
-        if len(rows) == 0:
-            problems.append(
-                f"data.path: {split}.tsv in {spec.data.path!r} has a header but no rows; a "
-                f"study needs {split} rows"
-            )
-    return problems
+    data = spec.data
+    offline = data.source != "hub" or (data.dataset is not None and is_local_path(data.dataset))
+    if not offline:
+        return []  # a hub dataset: fetched, and so checked, by the first worker
+    try:
+        load_task_data(spec)
+    except KdsearchError as exc:
+        return [f"data: {exc}"]
+    return []
 
 
 def _model_problems(spec: StudySpec) -> list[str]:

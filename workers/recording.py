@@ -123,14 +123,12 @@ class Recorder:
         assets, sigma_max = self.assets, self.spec.thresholds.sigma_max
         paths = {name: tmp / name for name in ("student_train.csv", "student_dev.csv")}
         write_predictions(
-            paths["student_train.csv"], result.student_probs_train, assets.train.labels.numpy()
+            paths["student_train.csv"], result.student_probs_train, assets.labels_train
         )
-        write_predictions(
-            paths["student_dev.csv"], result.student_probs_dev, assets.dev.labels.numpy()
-        )
+        write_predictions(paths["student_dev.csv"], result.student_probs_dev, assets.labels_dev)
         # Figures on the train split, where sigma is defined.
         teacher, student = assets.teacher_probs_train, result.student_probs_train
-        labels = assets.train.labels.numpy()
+        labels = assets.labels_train
         figures: dict[str, Callable[[Path], None]] = {
             "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
                 teacher, student, labels, result.sigma, sigma_max, p

@@ -1,6 +1,12 @@
-"""One trial: distil a fresh student's prediction layer, then score it (setup, train,
-evaluate, cleanup). ``build_trial`` is the one place a trial is made from
-(spec, study assets, params, device): the worker and ``kdsearch export`` both use it.
+"""One trial: distil a fresh student's prediction layer (after stage 1, when the trial runs
+it), then score it (setup, train, evaluate, cleanup). ``build_trial`` is the one place a
+trial is made from (spec, study assets, params, device): the worker and
+``kdsearch export`` both use it.
+
+Evaluations during training serve everything that needs one: the pruning probe (sigma on
+a fixed train subset, the accuracy drop on dev) and checkpoint selection (the dev metric,
+``training.selection: best_dev``). The last evaluation is the final scoring itself, and
+the selected student's dev predictions are reused: no pass over data is made twice.
 """
 
 from __future__ import annotations
@@ -18,9 +24,8 @@ from transformers import PreTrainedModel
 
 from kdsearch.service.record import ProbePoint, TrialOutcome
 from kdsearch.service.spec import Hyperparameters, Stage1Spec, StudySpec
-from kdsearch.service.study import trial_hyperparameters, trial_stage1
+from kdsearch.service.study import trial_depth, trial_hyperparameters, trial_stage1
 from kdsearch.workers.assets import StudyAssets, run_stage1
-from kdsearch.workers.data import NUM_LABELS
 from kdsearch.workers.device import peak_memory
 from kdsearch.workers.distill import LogitDistillation
 from kdsearch.workers.inference import predict_logits, probabilities
@@ -29,6 +34,7 @@ from kdsearch.workers.metrics import (
     accuracy,
     confidence_stats,
     expected_calibration_error,
+    selection_metric,
     task_metrics,
 )
 from kdsearch.workers.models import load_model, load_student
@@ -60,13 +66,24 @@ def probe_indices(n_train: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n_train, generator=generator)[:size].tolist())
 
 
-class DistillationTrial:
-    """TinyBERT stage 2 (after stage 1, when the trial runs it) for one hyperparameter
-    setting.
+@dataclass
+class _Evaluation:
+    epoch: float
+    dev_logits: torch.Tensor  # (N_dev, C)
+    train_logits: torch.Tensor | None  # (N_train, C): only at the last epoch end
+    metric: float  # the selection metric on dev
+    state: dict[str, torch.Tensor] | None = None  # the student's weights (best_dev only)
 
-    ``on_probe`` receives a ``ProbePoint`` after every epoch, and every
-    ``pruning.probe_every_steps`` steps when set (sigma on the probe subset of train,
-    accuracy_drop on dev); it records it and may raise ``optuna.TrialPruned``.
+
+class DistillationTrial:
+    """One hyperparameter setting, from a fresh student to its scored outcome.
+
+    ``on_probe`` receives a ``ProbePoint`` at every evaluation (each epoch end, and every
+    ``training.eval_every_steps`` / ``pruning.probe_every_steps`` steps); it records it and
+    may raise ``optuna.TrialPruned``. ``reference_accuracy``: the dev accuracy the drop is
+    measured against (the teacher's, or the baseline's with ``accuracy_reference:
+    baseline``); ``baseline_accuracy`` adds the drop against the baseline whatever the
+    reference, once the baseline has finished.
     """
 
     def __init__(
@@ -78,10 +95,14 @@ class DistillationTrial:
         seed: int,
         on_probe: Callable[[ProbePoint], None] | None = None,
         stage1: Stage1Spec | None = None,
+        depth: int | None = None,
+        baseline_accuracy: float | None = None,
+        is_baseline: bool = False,
     ) -> None:
-        """``stage1``: run stage 1 in this trial with these settings (stage-1
-        hyperparameters searched); otherwise the trial starts from the study's shared
-        stage-1 student when it has one (``assets.stage1_student``)."""
+        """``stage1``: run stage 1 in this trial with these settings; otherwise the trial
+        starts from the study's shared stage-1 student when it has one
+        (``assets.stage1_student``). ``depth``: the student's layers, when it is made
+        from the teacher's."""
         self.spec = spec
         self.assets = assets
         self.hparams = hparams
@@ -89,106 +110,173 @@ class DistillationTrial:
         self.seed = seed
         self.on_probe = on_probe
         self.stage1 = stage1
+        self.depth = depth
+        self.baseline_accuracy = baseline_accuracy
+        self.is_baseline = is_baseline
+        # None: the baseline measured against itself (known once it is scored).
+        self.reference_accuracy: float | None = assets.teacher_dev_accuracy
+        if spec.thresholds.accuracy_reference == "baseline":
+            self.reference_accuracy = None if is_baseline else baseline_accuracy
+            if not is_baseline and baseline_accuracy is None:
+                raise ValueError("accuracy_reference is 'baseline' but the baseline has no result")
         self.stage1_losses: list[float] | None = None
         self.student: PreTrainedModel | None = None
-        index = probe_indices(len(assets.train), spec.pruning.probe_size, spec.seed)
-        self.probe_data = assets.train.subset(index)
-        self.probe_teacher = assets.teacher_probs_train[index]
+        self.inputs = assets.student_inputs
+        self.probe_index = probe_indices(len(self.inputs.train), spec.pruning.probe_size, spec.seed)
+        self.probe_data = self.inputs.train.subset(self.probe_index)
+        self.probe_teacher = assets.teacher_probs_train[self.probe_index]
+        self.evaluations: list[_Evaluation] = []
+        self.best: _Evaluation | None = None
+
+    # --- setup -----------------------------------------------------------------------
 
     def setup(self) -> None:
         spec, assets = self.spec, self.assets
         if assets.stage1_student is not None:
             # The study's stage-1 student, distilled once with the study seed; the seed is
-            # set again before the new head and stage 2, so the trial is deterministic.
-            torch.manual_seed(self.seed)
+            # set again before stage 2, so the trial is deterministic on this path too.
             self.student = load_model(
-                str(assets.stage1_student), "stage-1 student", NUM_LABELS, safetensors_only=True
+                str(assets.stage1_student),
+                "stage-1 student",
+                assets.num_labels,
+                safetensors_only=True,
             )
             return
         attention = SCORES_ATTENTION if self.stage1 is not None else None
         self.student = load_student(
-            spec.student, spec.teacher.model, NUM_LABELS, self.seed, attention=attention
+            spec.student,
+            spec.teacher.model,
+            assets.num_labels,
+            self.seed,
+            attention=attention,
+            layers=self.depth,
         )
         if self.stage1 is not None:
             self.stage1_losses = run_stage1(
                 spec, assets, self.student, self.stage1, self.device, self.seed
             )
 
-    def train(self) -> list[float]:
-        assert self.student is not None, "call setup() first"
-        h = self.hparams
-        loop = LoopSettings(
+    # --- train -----------------------------------------------------------------------
+
+    def loop_settings(self) -> LoopSettings:
+        h, training = self.hparams, self.spec.training
+        periods = (training.eval_every_steps, self.spec.pruning.probe_every_steps)
+        return LoopSettings(
             learning_rate=h.learning_rate,
             batch_size=h.batch_size,
             epochs=h.epochs,
             weight_decay=h.weight_decay,
             warmup_proportion=h.warmup_proportion,
-            eval_every_steps=self.spec.pruning.probe_every_steps,
+            eval_every_steps=tuple(sorted({p for p in periods if p})),
+            optimizer=training.optimizer,
         )
+
+    def train(self) -> list[float]:
+        assert self.student is not None, "call setup() first"
+        data = self.inputs.train_augmented or self.inputs.train
+        objective = LogitDistillation(self.assets.distill_targets, self.hparams.temperature)
         torch.manual_seed(self.seed)  # dropout masks: the same on every path and process
         return fit(
             self.student,
-            self.assets.train,
-            LogitDistillation(self.assets.teacher_logits_train, h.temperature),
-            loop,
+            data,
+            objective,
+            self.loop_settings(),
             self.device,
             seed=self.seed,
-            pad_id=self.assets.pad_id,
-            on_eval=self.probe if self.on_probe is not None else None,
+            pad_id=self.inputs.pad_id,
+            on_eval=self.evaluate_at,
             label="distillation",
         )
 
-    def probe(self, epoch: float) -> None:
-        """The cheap evaluation the pruner decides from, after ``epoch`` epochs of
-        training (fractional for probes every N steps)."""
-        assert self.student is not None and self.on_probe is not None
-        batch, pad = self.spec.eval_batch_size, self.assets.pad_id
-        probe_logits = predict_logits(self.student, self.probe_data, batch, self.device, pad)
-        dev_logits = predict_logits(self.student, self.assets.dev, batch, self.device, pad)
-        sigma = confidence_stats(
-            self.probe_teacher, probabilities(probe_logits), self.probe_data.labels.numpy()
-        ).sigma
-        student_dev = accuracy(probabilities(dev_logits), self.assets.dev.labels.numpy())
+    # --- evaluate --------------------------------------------------------------------
+
+    def _logits(self, data: Any) -> torch.Tensor:
+        assert self.student is not None
+        batch, pad = self.spec.eval_batch_size, self.inputs.pad_id
+        return predict_logits(self.student, data, batch, self.device, pad)
+
+    def evaluate_at(self, epoch: float) -> None:
+        """One evaluation after ``epoch`` epochs of training: dev for the drop and the
+        selection metric, the probe subset for the probe's sigma; at the last epoch end,
+        the whole train split instead (it is the final scoring, and holds the probe)."""
+        final = epoch == self.hparams.epochs
+        selecting = self.spec.training.selection == "best_dev"
+        if not (final or selecting or self.on_probe is not None):
+            return  # nobody reads this evaluation (export re-trains with selection: last)
+        dev_logits = self._logits(self.inputs.dev)
+        train_logits = self._logits(self.inputs.train) if final else None
+        probe_logits = train_logits[self.probe_index] if final else self._logits(self.probe_data)
+        dev_probs = probabilities(dev_logits)
+        labels_dev = self.assets.labels_dev
+        evaluation = _Evaluation(
+            epoch, dev_logits, train_logits, selection_metric(self.spec.task, dev_probs, labels_dev)
+        )
+        self.evaluations.append(evaluation)
+        if selecting and (self.best is None or evaluation.metric > self.best.metric):
+            # A copy of the weights: the best student so far, to score at the end.
+            assert self.student is not None
+            evaluation.state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+            if self.best is not None:
+                self.best.state = None
+            self.best = evaluation
+        if self.on_probe is None:
+            return
         point = ProbePoint(
             epoch=epoch,
             epochs=self.hparams.epochs,
-            sigma=sigma,
-            accuracy_drop=self.assets.teacher_dev_accuracy - student_dev,
+            sigma=confidence_stats(
+                self.probe_teacher,
+                probabilities(probe_logits),
+                self.assets.labels_train[self.probe_index],
+            ).sigma,
+            accuracy_drop=(self.reference_accuracy or self.assets.teacher_dev_accuracy)
+            - accuracy(dev_probs, labels_dev),
         )
         logger.info(
-            "probe after epoch %.4g: sigma %.6f, accuracy_drop %.4f",
-            epoch, sigma, point.accuracy_drop,
+            "evaluation after epoch %.4g: probe sigma %.6f, accuracy_drop %.4f, %s %.4f",
+            epoch, point.sigma, point.accuracy_drop, "dev metric", evaluation.metric,
         )  # fmt: skip
         self.on_probe(point)
 
-    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
-        """Student probabilities at T = 1 on train and dev: (N_train, C), (N_dev, C)."""
-        assert self.student is not None, "call setup() first"
-        batch, pad = self.spec.eval_batch_size, self.assets.pad_id
-        return (
-            probabilities(predict_logits(self.student, self.assets.train, batch, self.device, pad)),
-            probabilities(predict_logits(self.student, self.assets.dev, batch, self.device, pad)),
-        )
+    def scored_logits(self) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(train logits, dev logits, the epoch they are from when selected): the student
+        after the last epoch, or the best evaluation's, reusing what was computed."""
+        assert self.student is not None
+        last = self.evaluations[-1] if self.evaluations else None
+        best = self.best
+        if best is not None and best is not last:
+            assert best.state is not None
+            self.student.load_state_dict(best.state)
+            return self._logits(self.inputs.train), best.dev_logits, best.epoch
+        selected = best.epoch if best is not None else None
+        if last is not None and last.train_logits is not None:
+            return last.train_logits, last.dev_logits, selected
+        return self._logits(self.inputs.train), self._logits(self.inputs.dev), selected
+
+    # --- cleanup ---------------------------------------------------------------------
 
     def cleanup(self) -> None:
         self.student = None
+        self.evaluations.clear()
+        self.best = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def run(self, keep_student: bool = False) -> TrialResult:
-        """setup, train, evaluate, cleanup. ``keep_student`` leaves the trained student
-        in ``self.student`` (for export); the caller then calls ``cleanup()``."""
+        """setup, train, evaluate, cleanup. ``keep_student`` leaves the scored student in
+        ``self.student`` (for export); the caller then calls ``cleanup()``."""
         start = time.perf_counter()
         memory: dict[str, float] = {}
         try:
             with peak_memory(self.device, memory):
                 self.setup()
                 losses = self.train()
-                probs_train, probs_dev = self.evaluate()
+                train_logits, dev_logits, selected = self.scored_logits()
         finally:
             if not keep_student:
                 self.cleanup()
+        probs_train, probs_dev = probabilities(train_logits), probabilities(dev_logits)
         outcome = score(
             self.spec,
             self.assets,
@@ -196,6 +284,10 @@ class DistillationTrial:
             probs_dev,
             epoch_losses=losses,
             wall_time_s=time.perf_counter() - start,
+            reference_accuracy=self.reference_accuracy,
+            baseline_accuracy=self.baseline_accuracy,
+            is_baseline=self.is_baseline,
+            selected_epoch=selected,
             stage1_epoch_losses=self.stage1_losses,
             peak_memory_mb=memory.get("peak_memory_mb"),
         )
@@ -208,8 +300,11 @@ def build_trial(
     params: dict[str, Any],
     device: torch.device,
     on_probe: Callable[[ProbePoint], None] | None = None,
+    baseline_accuracy: float | None = None,
+    is_baseline: bool = False,
 ) -> DistillationTrial:
-    """The trial for ``params`` (the searched values; the rest from the spec)."""
+    """The trial for ``params`` (the searched values; the rest from the spec).
+    ``baseline_accuracy``: the baseline student's dev accuracy, once known."""
     return DistillationTrial(
         spec,
         assets,
@@ -218,6 +313,9 @@ def build_trial(
         seed=spec.seed,
         on_probe=on_probe,
         stage1=trial_stage1(spec, params),
+        depth=trial_depth(spec, params),
+        baseline_accuracy=baseline_accuracy,
+        is_baseline=is_baseline,
     )
 
 
@@ -228,24 +326,41 @@ def score(
     probs_dev: np.ndarray,
     epoch_losses: list[float],
     wall_time_s: float,
+    reference_accuracy: float | None = None,
+    baseline_accuracy: float | None = None,
+    is_baseline: bool = False,
+    selected_epoch: float | None = None,
     stage1_epoch_losses: list[float] | None = None,
     peak_memory_mb: float | None = None,
 ) -> TrialOutcome:
     """Every figure of a trial from the student's probabilities on train and dev."""
-    labels_train = assets.train.labels.numpy()
-    labels_dev = assets.dev.labels.numpy()
+    labels_train, labels_dev = assets.labels_train, assets.labels_dev
     teacher_train, teacher_dev = assets.teacher_probs_train, assets.teacher_probs_dev
     on_train = confidence_stats(teacher_train, probs_train, labels_train)
     on_dev = confidence_stats(teacher_dev, probs_dev, labels_dev)
     teacher_metrics = assets.teacher_metrics
     student_metrics = task_metrics(spec.task, probs_dev, labels_dev)
+    student_accuracy = student_metrics["accuracy"]
+    if is_baseline:  # the baseline is its own reference: drop 0 against itself
+        baseline_accuracy = student_accuracy
+    if reference_accuracy is None:
+        reference_accuracy = (
+            student_accuracy
+            if is_baseline and spec.thresholds.accuracy_reference == "baseline"
+            else assets.teacher_dev_accuracy
+        )
+    reference = reference_accuracy
     return TrialOutcome(
         sigma=on_train.sigma,
-        accuracy_drop=assets.teacher_dev_accuracy - student_metrics["accuracy"],
+        accuracy_drop=reference - student_accuracy,
+        accuracy_drop_teacher=assets.teacher_dev_accuracy - student_accuracy,
+        accuracy_drop_baseline=None
+        if baseline_accuracy is None
+        else baseline_accuracy - student_accuracy,
         **on_train.as_dict("train_"),
         **on_dev.as_dict("dev_"),
         teacher_dev_accuracy=teacher_metrics["accuracy"],
-        student_dev_accuracy=student_metrics["accuracy"],
+        student_dev_accuracy=student_accuracy,
         teacher_dev_f1=teacher_metrics.get("f1"),
         student_dev_f1=student_metrics.get("f1"),
         teacher_dev_mcc=teacher_metrics.get("mcc"),
@@ -261,6 +376,7 @@ def score(
         # final stage-2 loss summed over the train set, i.e. sqrt(mean final loss).
         sigma_bound=float(np.sqrt(epoch_losses[-1])) if epoch_losses else float("nan"),
         wall_time_s=wall_time_s,
+        selected_epoch=selected_epoch,
         stage1_epoch_losses=stage1_epoch_losses,
         peak_memory_mb=peak_memory_mb,
     )

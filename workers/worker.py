@@ -50,6 +50,7 @@ from kdsearch.service.storage import open_storage, study_lock, with_reconnect
 from kdsearch.service.study import (
     Claim,
     RequeueStale,
+    baseline_accuracy,
     build_sampler,
     claim_trial,
     halted_reason,
@@ -211,12 +212,15 @@ class Worker:
         history: list[ProbePoint] = []
         with Heartbeat(self.study, trial._trial_id, spec.reliability.heartbeat_interval_s):
             try:
+                is_baseline = bool(trial.user_attrs.get(TrialAttr.BASELINE))
                 job = build_trial(
                     spec,
                     self.assets,
                     trial.params,
                     self.device,
-                    on_probe=lambda p: self._on_probe(trial, history, p),
+                    on_probe=lambda p: self._on_probe(trial, history, p, is_baseline),
+                    baseline_accuracy=self._baseline_accuracy(),
+                    is_baseline=is_baseline,
                 )
                 self.recorder.started(trial, job.hparams, str(self.device))
                 logger.info("trial %d: %s", trial.number, job.hparams.model_dump())
@@ -254,11 +258,23 @@ class Worker:
         )  # fmt: skip
         return True
 
-    def _on_probe(self, trial: optuna.Trial, history: list[ProbePoint], point: ProbePoint) -> None:
+    def _baseline_accuracy(self) -> float | None:
+        trials = self._db(
+            lambda: self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+            "reading the baseline",
+        )
+        return baseline_accuracy(trials)
+
+    def _on_probe(
+        self, trial: optuna.Trial, history: list[ProbePoint], point: ProbePoint, baseline: bool
+    ) -> None:
         """Record the probe (visible in optuna-dashboard as a user attr), then ask the
-        pruning rules. Raises ``optuna.TrialPruned`` to stop the trial."""
+        pruning rules (never for the baseline, which every other trial is compared with).
+        Raises ``optuna.TrialPruned`` to stop the trial."""
         history.append(point)
         self.recorder.probed(trial, history)
+        if baseline:
+            return
         finished: list[list[ProbePoint]] = []
         if "pareto" in self.spec.pruning.rule:
             done = self._db(

@@ -1,0 +1,116 @@
+"""A dry run of the paper's studies: each shipped ``studies/paper/*.yaml`` runs end to end
+for a few steps, exactly as written except for what needs the network: its models become
+tiny random BERTs in the same formats (a BERT-base-shaped teacher, TinyBERT-shaped
+students without ``model_type`` and with a trained ``fit_dense``), its data GLUE rows in
+the hub's layout, its sizes small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kdsearch
+from kdsearch.service.errors import KdsearchError
+from kdsearch.service.report import depth_png, summarize
+from kdsearch.workers.models import load_model
+from tests.helpers import ROOT, bert_teacher, glue_hub_folder, tinybert_checkpoint
+
+pytestmark = pytest.mark.slow
+
+PAPER = sorted((ROOT / "studies" / "paper").glob("*.yaml"))
+TEACHER_HIDDEN = 36  # 12 heads of 3, as BERT-base's 12 heads of 64
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stand-ins")
+    return {
+        "teacher": bert_teacher(root / "teacher", hidden=TEACHER_HIDDEN),
+        "4L": tinybert_checkpoint(root / "s4l", 4, 24, TEACHER_HIDDEN),
+        "6L": tinybert_checkpoint(root / "s6l", 6, 48, TEACHER_HIDDEN),
+        "glue": glue_hub_folder(root),
+    }
+
+
+def test_the_paper_studies_are_all_here() -> None:
+    names = {p.stem for p in PAPER}
+    tasks = ("sst2", "qqp", "qnli", "mrpc", "rte", "cola")
+    assert {f"{t}-{s}" for t in tasks for s in ("s4l", "s6l")} <= names
+    assert "rte-depth" in names  # the open question: depth between S4L and S6L
+
+
+def test_a_tinybert_checkpoint_without_model_type_loads_as_bert(
+    stand_ins: dict[str, Path],
+) -> None:
+    import torch
+
+    model = load_model(str(stand_ins["4L"]), "student", num_labels=2)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    saved = torch.load(stand_ins["4L"] / "pytorch_model.bin", weights_only=True)
+    torch.testing.assert_close(
+        model.bert.embeddings.word_embeddings.weight,
+        saved["bert.embeddings.word_embeddings.weight"],
+    )
+    # a config that is truly unknown is one clear message
+    (stand_ins["4L"].parent / "odd").mkdir(exist_ok=True)
+    (stand_ins["4L"].parent / "odd" / "config.json").write_text('{"layers": 3}')
+    with pytest.raises(KdsearchError, match="must name a model_type"):
+        load_model(str(stand_ins["4L"].parent / "odd"), "student", num_labels=2)
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_each_paper_study_runs_end_to_end(
+    path: Path, stand_ins: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = yaml.safe_load(path.read_text())
+    # What needs the network, swapped for stand-ins of the same shape; sizes shrunk.
+    raw["teacher"]["model"] = str(stand_ins["teacher"])
+    if "model" in raw["student"]:
+        raw["student"]["model"] = str(stand_ins["4L" if "4L" in raw["student"]["model"] else "6L"])
+    raw["data"] = {**raw["data"], "dataset": str(stand_ins["glue"]), "train_limit": 24,
+                   "dev_limit": 12}  # fmt: skip
+    raw["stage1"]["epochs"] = 1
+    if "stage1_epochs" in raw["search_space"]:  # RTE's searched stage 1, shrunk alike
+        raw["search_space"]["stage1_epochs"] = {"type": "int", "low": 1, "high": 2}
+    raw["n_trials"] = 2
+    raw["eval_batch_size"] = 16
+    raw["training"]["eval_every_steps"] = 2
+    raw["reliability"] = {"heartbeat_interval_s": 1, "grace_period_s": 30}
+    caplog.set_level("INFO")
+    study = kdsearch.create_study(
+        raw, storage=f"sqlite:///{tmp_path / 'k.db'}", artifacts=str(tmp_path / "art")
+    )
+    study.run_worker(threads=1)
+    records = study.records()
+    assert [r.state.name for r in records] == ["COMPLETE", "COMPLETE"], [r.error for r in records]
+    baseline, other = records
+    assert baseline.baseline and baseline.hyperparameters is not None
+    assert (baseline.hyperparameters["learning_rate"], baseline.hyperparameters["epochs"]) == (
+        3e-5,
+        3,
+    )
+    assert baseline.outcome is not None and other.outcome is not None
+    # As the paper: accuracy against the default student (trial 0 against itself)...
+    assert baseline.outcome.accuracy_drop == 0.0 == baseline.outcome.accuracy_drop_baseline
+    assert other.outcome.accuracy_drop == pytest.approx(
+        baseline.outcome.student_dev_accuracy - other.outcome.student_dev_accuracy
+    )
+    # ...and against the teacher, recorded too; the best dev evaluation was scored.
+    assert other.outcome.accuracy_drop_teacher == pytest.approx(
+        other.outcome.teacher_dev_accuracy - other.outcome.student_dev_accuracy
+    )
+    assert other.outcome.selected_epoch is not None and len(other.probes) >= 2
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    if "model" in raw["student"]:  # the TinyBERT checkpoint's trained fit_dense is used
+        assert "config.json has no model_type; loading it as BERT" in messages
+        assert "stage 1 starts from the checkpoint's trained fit_dense" in messages
+    assert "stage 1, epoch 1/1" in messages
+    if "teacher_layers" in raw["search_space"]:  # the depth study: its report section
+        summary = summarize(study.optuna, study.spec)
+        depths = {int(r.params.get("teacher_layers", 4)) for r in records}
+        assert summary.by_depth is not None
+        assert {row["depth"] for row in summary.by_depth} == depths
+        depth_png(study.optuna, study.spec, tmp_path / "depth.png")
+        assert (tmp_path / "depth.png").read_bytes()[:4] == b"\x89PNG"
