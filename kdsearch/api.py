@@ -155,6 +155,22 @@ class Study:
         }  # fmt: skip
         return frame.astype(dtypes)
 
+    def configurations_dataframe(self) -> pd.DataFrame:
+        """One row per configuration: its searched values, how many seeds finished, the
+        mean, sd and confidence bounds of sigma and of the accuracy drop over them, and the
+        verdict (feasible / infeasible / uncertain; ``service/racing.py``)."""
+        import pandas as pd
+
+        from kdsearch.service.racing import aggregate
+        from kdsearch.service.report import configuration_rows
+
+        rows = configuration_rows(aggregate(self.records(), self.spec), self.spec)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        floats = [c for c in frame if c.startswith(("sigma_", "drop_"))]
+        return frame.astype({**dict.fromkeys(floats, "float64"), "seeds": "int64"})
+
     def predictions(
         self, trial: int, split: str = "train", artifacts: str | None = None
     ) -> pd.DataFrame:

@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--format", choices=("table", "json"), default="table", help="table (default) or json"
     )
+    status.add_argument(
+        "--configurations",
+        action="store_true",
+        help="one row per configuration (mean over its seeds, bounds, verdict) instead of per "
+        "trial; the table shows both when the study has seed replicates",
+    )
 
     report = _command(
         commands,
@@ -465,24 +471,36 @@ def _export(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import optuna
 
-    from kdsearch.service.status import format_json, format_table, trial_rows
+    from kdsearch.service.status import (
+        configuration_table,
+        format_json,
+        format_table,
+        trial_rows,
+    )
     from kdsearch.service.storage import open_storage, resolve_storage_url
     from kdsearch.service.study import load_stored_spec
 
     storage = open_storage(resolve_storage_url(args.storage), create=False)
     spec = load_stored_spec(storage, args.study)
     study = optuna.load_study(study_name=spec.name, storage=storage)
+    configs = configuration_table(study, spec)
     rows = trial_rows(study, list(spec.search_space))
     if args.format == "json":
-        sys.stdout.write(format_json(rows) + "\n")
+        sys.stdout.write(format_json(configs if args.configurations else rows) + "\n")
         return 0
     from kdsearch.service.study import halted_reason, recorded_locations
 
+    text = format_table(rows)
+    if args.configurations or spec.replicates.max_seeds > 1:
+        text = "configurations (mean ± sd over seeds [confidence bounds]):\n"
+        text += format_table(configs)
+        if not args.configurations:
+            text += "\n\ntrials:\n" + format_table(rows)
     location = recorded_locations(storage).get(spec.name) or "not recorded yet (no worker ran)"
     footer = f"\n\nartifacts: {location}\n"
     if reason := halted_reason(storage, spec.name):
         footer += f"HALTED: {reason}\n"
-    sys.stdout.write(format_table(rows) + footer)
+    sys.stdout.write(text + footer)
     return 0
 
 

@@ -2,8 +2,9 @@
 the database) at exactly that moment. Inert unless ``$KDSEARCH_FAULT`` names the point.
 
 ``KDSEARCH_FAULT=after-ask:pause=30`` makes a worker sleep 30 s when it reaches the point
-``after-ask``; with ``$KDSEARCH_FAULT_REACHED`` set to a file path, the point's name is
-written there first, so the test knows the worker is in place.
+``after-ask``; ``after-ask@3:pause=30`` only the third time it does. With
+``$KDSEARCH_FAULT_REACHED`` set to a file path, the point's name is written there first,
+so the test knows the worker is in place.
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ FAULT_ENV = "KDSEARCH_FAULT"
 REACHED_ENV = "KDSEARCH_FAULT_REACHED"
 
 
+_reached: dict[str, int] = {}
+
+
 def fault_point(name: str) -> None:
     armed = os.environ.get(FAULT_ENV)
     if not armed:
         return
     point, _, action = armed.partition(":")
+    point, _, nth = point.partition("@")
     if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if nth and _reached[name] != int(nth):
         return
     logger.warning("fault point %s reached (%s=%s)", name, FAULT_ENV, armed)
     if reached := os.environ.get(REACHED_ENV):

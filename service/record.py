@@ -42,6 +42,9 @@ class TrialAttr:
 
     # bookkeeping, prefixed: not figures
     BASELINE = "kdsearch:baseline"  # the paper's default configuration (trial 0)
+    CONFIG = "kdsearch:config"  # the configuration (its hyperparameters' stable hash)
+    REPLICATE = "kdsearch:replicate"  # 0 for a configuration's first seed, k for its k+1-th
+    SEED = "kdsearch:seed"  # the training seed of this replicate
     ATTEMPT = "kdsearch:attempt"  # 0 for a first run, n for the n-th retry
     RETRY_OF = "kdsearch:retry_of"  # number of the trial this one re-runs
     RETRY_REASON = "kdsearch:retry_reason"  # why the trial it re-runs failed
@@ -194,8 +197,10 @@ def set_study_attr(study: optuna.Study, key: str, value: Any) -> None:
 
 
 def retry_attrs(failed: FrozenTrial, attempt: int, reason: str) -> dict[str, Any]:
-    """The user attrs a re-run of ``failed`` is queued with."""
-    keep = {TrialAttr.BASELINE: True} if failed.user_attrs.get(TrialAttr.BASELINE) else {}
+    """The user attrs a re-run of ``failed`` is queued with: it keeps its configuration
+    and its seed."""
+    kept = (TrialAttr.BASELINE, TrialAttr.CONFIG, TrialAttr.REPLICATE, TrialAttr.SEED)
+    keep = {k: failed.user_attrs[k] for k in kept if k in failed.user_attrs}
     return {
         **keep,
         TrialAttr.ATTEMPT: attempt,
@@ -214,6 +219,9 @@ class TrialRecord:
     values: tuple[float, ...] | None
     constraints: tuple[float, ...] | None  # <= 0 feasible (Optuna's ``constraints``)
     baseline: bool
+    config: str | None  # the configuration this trial is a replicate of
+    replicate: int  # 0 for its configuration's first seed
+    seed: int | None  # None: the study's seed (a trial from before replicates)
     attempt: int
     retry_of: int | None
     retry_reason: str | None
@@ -244,6 +252,9 @@ class TrialRecord:
             values=tuple(trial.values) if trial.values else None,
             constraints=tuple(constraints) if constraints is not None else None,
             baseline=bool(a.get(TrialAttr.BASELINE)),
+            config=a.get(TrialAttr.CONFIG),
+            replicate=int(a.get(TrialAttr.REPLICATE, 0)),
+            seed=a.get(TrialAttr.SEED),
             attempt=int(a.get(TrialAttr.ATTEMPT, 0)),
             retry_of=a.get(TrialAttr.RETRY_OF),
             retry_reason=a.get(TrialAttr.RETRY_REASON),

@@ -13,19 +13,28 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from kdsearch.service.racing import Configuration, aggregate, best_configuration
 from kdsearch.service.record import TrialRecord
 from kdsearch.service.spec import DEPTH, StudySpec
 
 
 @dataclass(frozen=True)
 class StudySummary:
+    """A study at a glance, by configuration: with seed replicates every figure is the
+    configuration's mean over its seeds, and "best" is the confirmed-feasible one."""
+
     study: str
     task: str
     student: str
-    baseline_sigma: float | None
+    baseline_sigma: float | None  # mean over the baseline configuration's seeds
     baseline_accuracy_drop: float | None
-    best_trial: int | None
+    baseline_seeds: int
+    baseline_verdict: str | None
+    best_config: str | None
+    best_trial: int | None  # its representative replicate (the median-sigma one)
     best_sigma: float | None
+    best_sigma_sd: float | None
+    best_seeds: int
     teacher_dev_accuracy: float | None
     best_student_dev_accuracy: float | None
     best_accuracy_drop: float | None
@@ -37,6 +46,9 @@ class StudySummary:
     n_running: int
     gpu_hours: float
     cpu_hours: float
+    n_configurations: int = 0
+    n_confirmed_feasible: int = 0
+    configurations: list[dict[str, Any]] | None = None  # with seed replicates
     by_depth: list[dict[str, Any]] | None = None  # when the student's depth is searched
 
 
@@ -50,37 +62,84 @@ def records(study: optuna.Study) -> list[TrialRecord]:
     return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
 
 
-def best_feasible(trials: list[TrialRecord]) -> TrialRecord | None:
-    """The feasible finished trial with the lowest sigma (ties: lower drop)."""
-    feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.feasible]
-    return min(feasible, key=lambda t: t.values or (), default=None)
+def representative(config: Configuration, trials: list[TrialRecord]) -> TrialRecord | None:
+    """The configuration's replicate with the median sigma: the one export re-trains."""
+    done = [t for t in trials if t.number in config.trials and t.values]
+    done.sort(key=lambda t: (t.values[0], t.number))  # type: ignore[index]
+    return done[(len(done) - 1) // 2] if done else None
+
+
+def chosen(study: optuna.Study, spec: StudySpec) -> tuple[Configuration, TrialRecord] | None:
+    """The study's answer: the best confirmed-feasible configuration (lowest mean sigma)
+    and its representative trial; None while there is none."""
+    trials = records(study)
+    best = best_configuration(aggregate(trials, spec))
+    trial = representative(best, trials) if best is not None else None
+    return (best, trial) if best is not None and trial is not None else None
+
+
+def configuration_rows(configs: list[Configuration], spec: StudySpec) -> list[dict[str, Any]]:
+    """One row per configuration: its hyperparameters, mean +- sd over its seeds, the
+    confidence bounds, n and the verdict."""
+    rows = []
+    for c in configs:
+        rows.append(
+            {
+                "config": c.config,
+                **{name: c.params.get(name) for name in spec.search_space},
+                "seeds": c.n,
+                "sigma_mean": c.sigma_mean if c.n else None,
+                "sigma_sd": c.sigma_sd,
+                "sigma_low": c.sigma.low if c.sigma else None,
+                "sigma_high": c.sigma.high if c.sigma else None,
+                "drop_mean": c.drop_mean if c.n else None,
+                "drop_sd": c.drop_sd,
+                "drop_low": c.drop.low if c.drop else None,
+                "drop_high": c.drop.high if c.drop else None,
+                "verdict": c.verdict,
+                "baseline": c.baseline,
+                "trials": c.trials,
+            }
+        )
+    return rows
 
 
 def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
     trials = records(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.outcome is not None]
-    baseline = next((t for t in complete if t.baseline), None)
-    best = best_feasible(trials)
+    configs = aggregate(trials, spec)
+    baseline = next((c for c in configs if c.baseline and c.n), None)
+    best = best_configuration(configs)
+    best_trial = representative(best, trials) if best else None
+    best_outcomes = [t.outcome for t in complete if best and t.number in best.trials]
     hours = {"gpu": 0.0, "cpu": 0.0}
     for t in study.get_trials(deepcopy=False):
         if t.datetime_start is not None and t.datetime_complete is not None:
             kind = "gpu" if TrialRecord.of(t).on_gpu else "cpu"
             hours[kind] += (t.datetime_complete - t.datetime_start).total_seconds() / 3600
-    best_outcome = best.outcome if best else None
+    replicated = spec.replicates.max_seeds > 1
     return StudySummary(
         study=spec.name,
         task=spec.task,
         student=_student_name(spec),
-        baseline_sigma=baseline.sigma if baseline else None,
-        baseline_accuracy_drop=baseline.accuracy_drop if baseline else None,
-        best_trial=best.number if best else None,
-        best_sigma=best.sigma if best else None,
+        baseline_sigma=baseline.sigma_mean if baseline else None,
+        baseline_accuracy_drop=baseline.drop_mean if baseline else None,
+        baseline_seeds=baseline.n if baseline else 0,
+        baseline_verdict=baseline.verdict if baseline else None,
+        best_config=best.config if best else None,
+        best_trial=best_trial.number if best_trial else None,
+        best_sigma=best.sigma_mean if best else None,
+        best_sigma_sd=best.sigma_sd if best else None,
+        best_seeds=best.n if best else 0,
         teacher_dev_accuracy=complete[0].outcome.teacher_dev_accuracy  # type: ignore[union-attr]
         if complete
         else None,
-        best_student_dev_accuracy=best_outcome.student_dev_accuracy if best_outcome else None,
-        best_accuracy_drop=best.accuracy_drop if best else None,
-        best_hyperparameters=best.hyperparameters if best else None,
+        best_student_dev_accuracy=sum(o.student_dev_accuracy for o in best_outcomes)  # type: ignore[union-attr]
+        / len(best_outcomes)
+        if best_outcomes
+        else None,
+        best_accuracy_drop=best.drop_mean if best else None,
+        best_hyperparameters=best_trial.hyperparameters if best_trial else None,
         n_feasible=sum(bool(t.feasible) for t in complete),
         n_infeasible=sum(t.feasible is False for t in complete),
         n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
@@ -88,6 +147,9 @@ def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
         n_running=sum(t.state == TrialState.RUNNING for t in trials),
         gpu_hours=round(hours["gpu"], 4),
         cpu_hours=round(hours["cpu"], 4),
+        n_configurations=len(configs),
+        n_confirmed_feasible=sum(c.verdict == "feasible" for c in configs),
+        configurations=configuration_rows(configs, spec) if replicated else None,
         by_depth=depth_rows(complete, spec) if DEPTH in spec.search_space else None,
     )
 
@@ -123,7 +185,11 @@ COLUMNS = [
     ("task", "task"),
     ("student", "student"),
     ("baseline_sigma", "baseline sigma_train"),
+    ("baseline_seeds", "seeds"),
+    ("baseline_verdict", "baseline verdict"),
     ("best_sigma", "best feasible sigma_train"),
+    ("best_sigma_sd", "sd"),
+    ("best_seeds", "seeds"),
     ("best_trial", "trial"),
     ("teacher_dev_accuracy", "teacher acc"),
     ("best_student_dev_accuracy", "student acc"),
@@ -157,10 +223,34 @@ def format_markdown(summaries: list[StudySummary]) -> str:
         row = asdict(s)
         lines.append("| " + " | ".join(_cell(k, row[k]) for k, _ in COLUMNS) + " |")
     for s in summaries:
+        if s.configurations:
+            title = f"{s.study}: configurations, mean over their seeds (confidence bounds)"
+            lines += ["", title, ""]
+            lines += _markdown_table([compact_row(r) for r in s.configurations])
         if s.by_depth:
             lines += ["", f"{s.study}: sigma and accuracy drop against the student's depth", ""]
             lines += _markdown_table(s.by_depth)
     return "\n".join(lines)
+
+
+def compact_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A configuration row as people read it: mean +- sd [low, high]."""
+
+    def spread(name: str) -> str:
+        if row[f"{name}_mean"] is None:
+            return "-"
+        text = f"{row[f'{name}_mean']:.4f}"
+        if row[f"{name}_sd"] is not None:
+            text += f" ± {row[f'{name}_sd']:.4f}"
+        if row[f"{name}_low"] is not None:
+            text += f" [{row[f'{name}_low']:.4f}, {row[f'{name}_high']:.4f}]"
+        return text
+
+    skip = {k for k in row if k.split("_")[0] in ("sigma", "drop")} | {"trials"}
+    out = {k: v for k, v in row.items() if k not in skip}
+    out["sigma"], out["accuracy_drop"] = spread("sigma"), spread("drop")
+    out["verdict"] = row["verdict"]
+    return out
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -202,12 +292,31 @@ def pareto_png(study: optuna.Study, spec: StudySpec, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = plot_pareto_front(study, target_names=METRIC_NAMES)
+    if spec.replicates.max_seeds > 1:
+        # Each configuration: its mean over seeds with its confidence interval.
+        for c in aggregate(records(study), spec):
+            if c.sigma is None or c.drop is None:
+                continue
+            ax.errorbar(
+                c.sigma.mean, c.drop.mean,
+                xerr=[[c.sigma.mean - c.sigma.low], [c.sigma.high - c.sigma.mean]],
+                yerr=[[c.drop.mean - c.drop.low], [c.drop.high - c.drop.mean]],
+                fmt="s", ms=4, lw=0.8, capsize=2,
+                color={"feasible": "#2a7d2a", "infeasible": "#999999"}.get(c.verdict, "#d08c00"),
+            )  # fmt: skip
     limits = spec.thresholds
     ax.axvline(limits.sigma_max, color="#555555", ls="--", lw=1, label="sigma_max (kappa)")
     ax.axhline(limits.accuracy_drop_max, color="#555555", ls=":", lw=1, label="accuracy_drop_max")
     ax.set_xlabel(f"sigma (train), threshold {limits.sigma_max}")
     ax.set_ylabel(f"accuracy_drop (dev), threshold {limits.accuracy_drop_max}")
-    ax.set_title(f"{spec.name}: Pareto front (grey: infeasible)")
+    ax.set_title(
+        f"{spec.name}: Pareto front (grey: infeasible)"
+        + (
+            "\nsquares: configurations, mean and interval over seeds"
+            if spec.replicates.max_seeds > 1
+            else ""
+        )
+    )
     ax.legend(fontsize=7)
     fig = ax.get_figure()
     fig.set_size_inches(6.5, 4.5)
@@ -255,17 +364,27 @@ def pareto_front(trials: list[TrialRecord]) -> set[int]:
 def study_note(summary: StudySummary, spec: StudySpec) -> str:
     """Markdown for optuna-dashboard's study note."""
     hyperparameters = _cell("best_hyperparameters", summary.best_hyperparameters)
+    seeds = lambda n: f" (mean of {n} seeds)" if n > 1 else ""  # noqa: E731
     best = (
         f"trial {summary.best_trial}: sigma {summary.best_sigma:.4f}, accuracy_drop "
-        f"{summary.best_accuracy_drop:.4f}; {hyperparameters}"
+        f"{summary.best_accuracy_drop:.4f}{seeds(summary.best_seeds)}; {hyperparameters}"
         if summary.best_trial is not None
         else "none yet"
     )
     baseline = (
         f"sigma {summary.baseline_sigma:.4f}, accuracy_drop {summary.baseline_accuracy_drop:.4f}"
+        f"{seeds(summary.baseline_seeds)}: {summary.baseline_verdict}"
         if summary.baseline_sigma is not None
         else "not finished yet"
     )
+    confirmed = [
+        f"  - `{r['config']}`: sigma {compact_row(r)['sigma']}, accuracy_drop "
+        f"{compact_row(r)['accuracy_drop']} ({r['seeds']} seeds)"
+        for r in summary.configurations or []
+        if r["verdict"] == "feasible"
+    ]
+    if summary.configurations is not None:
+        confirmed = ["- **confirmed feasible configurations**:", *(confirmed or ["  - none yet"])]
     return "\n".join(
         [
             f"# {spec.name}",
@@ -276,6 +395,7 @@ def study_note(summary: StudySummary, spec: StudySpec) -> str:
             f"- searched: {', '.join(spec.search_space) or 'nothing'}",
             f"- **baseline** (the paper's defaults): {baseline}",
             f"- **best feasible**: {best}",
+            *confirmed,
             f"- trials: {summary.n_feasible} feasible, {summary.n_infeasible} infeasible, "
             f"{summary.n_pruned} pruned, {summary.n_failed} failed, {summary.n_running} running",
             "",

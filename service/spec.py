@@ -185,8 +185,13 @@ class StudentSpec(_Section):
     model: str | None = None
     """Local path, hub id, or ``package:NAME`` of the student."""
     teacher_layers: Int(1, 128) | None = None
-    """Build the student from the first k layers of the teacher's *pretrained* model
-    (``teacher.model``, before any fine-tuning), with a fresh classifier head."""
+    """Build the student from the first k layers of the teacher: of ``teacher.model`` as
+    given (with a fresh classifier head unless that model already has one for the task),
+    or of the teacher as fine-tuned by the study (``layers_from: finetuned``)."""
+    layers_from: Literal["pretrained", "finetuned"] = "pretrained"
+    """With ``teacher_layers``: ``pretrained`` takes them from ``teacher.model``;
+    ``finetuned`` from the teacher after ``teacher.finetune`` (its fine-tuned layers and
+    classifier head), a student that starts close to its teacher."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentSpec:
@@ -194,6 +199,11 @@ class StudentSpec(_Section):
             raise ValueError(
                 "give exactly one of model (a path or hub id) "
                 "or teacher_layers (the teacher's first k layers)"
+            )
+        if self.layers_from == "finetuned" and self.teacher_layers is None:
+            raise ValueError(
+                "layers_from is 'finetuned' but the student is a model of its own; remove "
+                "layers_from or use teacher_layers"
             )
         return self
 
@@ -357,6 +367,34 @@ class ReliabilitySpec(_Section):
         return self
 
 
+class ReplicatesSpec(_Section):
+    """Seeds per configuration: sigma moves by about +-0.01 between seeds of the same
+    configuration (a fifth of kappa), so a verdict near kappa needs more than one run.
+    Each replicate is a trial of its own (same hyperparameters, another seed); the
+    verdict is on the configuration's confidence bounds (README, "Replicates")."""
+
+    max_seeds: Int(1, 20) = 1
+    """The most seeds a configuration may get (1: one seed, no replicates)."""
+    initial_seeds: Int(1, 20) = 1
+    """Seeds every new configuration gets at once."""
+    strategy: Literal["racing", "all"] = "racing"
+    """``racing``: further seeds (up to ``max_seeds``) only for configurations whose verdict
+    is still uncertain or that could still be on the feasible Pareto front; ``all``: every
+    configuration gets ``max_seeds``."""
+    confidence: Float(0.5, 0.999) = 0.9
+    """Two-sided level of each configuration's confidence interval (0.9: each bound is a
+    one-sided 95% bound)."""
+
+    @model_validator(mode="after")
+    def _initial_within_max(self) -> ReplicatesSpec:
+        if self.initial_seeds > self.max_seeds:
+            raise ValueError(
+                f"initial_seeds {self.initial_seeds} must not exceed max_seeds {self.max_seeds}; "
+                "raise max_seeds or lower initial_seeds"
+            )
+        return self
+
+
 class SamplerSpec(_Section):
     name: Literal["tpe", "nsga2", "random"] = "tpe"
     n_startup_trials: Int(0, 10**5) = 10
@@ -383,6 +421,8 @@ class StudySpec(_Section):
     n_trials: Int(1, 100_000)
     """The study's total trial budget, across all workers."""
     seed: Seed = 42
+    """The first seed of every configuration (and the base of the sampler seeds)."""
+    replicates: ReplicatesSpec = ReplicatesSpec()
     sampler: SamplerSpec = SamplerSpec()
     pruning: PruningSpec = PruningSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
@@ -403,6 +443,11 @@ class StudySpec(_Section):
         problems = _cross_field_problems(
             self.name, self.search_space, self.defaults, self.stage1, self.student
         )
+        if self.student.layers_from == "finetuned" and self.teacher.finetune is None:
+            problems.append(
+                "student.layers_from: 'finetuned' needs teacher.finetune (the study's "
+                "fine-tuned teacher to take the layers from); add it or use 'pretrained'"
+            )
         if self.task == "classification" and self.data.columns is None:
             problems.append(
                 "data.columns: task 'classification' needs the column names; add "

@@ -9,7 +9,9 @@ from typing import Any
 
 import optuna
 
+from kdsearch.service.racing import aggregate
 from kdsearch.service.record import TrialRecord
+from kdsearch.service.spec import StudySpec
 
 
 def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, Any]]:
@@ -33,6 +35,15 @@ def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, An
             }
         )
     return rows
+
+
+def configuration_table(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
+    """One row per configuration: its hyperparameters, seeds, sigma and accuracy drop as
+    mean ± sd [confidence bounds], and the verdict."""
+    from kdsearch.service.report import compact_row, configuration_rows
+
+    records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    return [compact_row(r) for r in configuration_rows(aggregate(records, spec), spec)]
 
 
 def _cell(value: Any) -> str:

@@ -19,6 +19,7 @@ from kdsearch.service.artifacts import ArtifactLocation, resolve_artifacts
 from kdsearch.service.errors import KdsearchError
 from kdsearch.service.faults import fault_point
 from kdsearch.service.hashing import stable_int
+from kdsearch.service.racing import aggregate, config_id, replicate_seed, seeds_to_queue
 from kdsearch.service.record import (
     STUDY_KEYS,
     StudyAttr,
@@ -28,6 +29,7 @@ from kdsearch.service.record import (
     objectives_for_constraints,
     retry_attrs,
     set_study_attr,
+    set_trial_attrs,
 )
 from kdsearch.service.spec import (
     DEPTH,
@@ -200,7 +202,7 @@ def create_or_attach(
                     f"study {spec.name!r} exists but was not created by kdsearch; "
                     "choose another name"
                 )
-            differences = spec_differences(stored, given)
+            differences = spec_differences(_as_current(stored), given)
             if differences:
                 raise KdsearchError(
                     f"study {spec.name!r} exists with a different spec:\n"
@@ -221,7 +223,9 @@ def create_or_attach(
                 set_study_attr(study, StudyAttr.ARTIFACTS, artifacts)
             # The baseline is enqueued here, once, under the lock: concurrent enqueue_trial
             # calls can duplicate it.
-            study.enqueue_trial(baseline_params(spec), user_attrs={TrialAttr.BASELINE: True})
+            baseline = baseline_params(spec)
+            attrs = {TrialAttr.BASELINE: True, **replicate_attrs(spec, baseline, 0)}
+            study.enqueue_trial(baseline, user_attrs=attrs)
         except BaseException:
             optuna.delete_study(study_name=spec.name, storage=storage)
             raise
@@ -275,6 +279,15 @@ def record_artifact_location(
 def recorded_locations(storage: optuna.storages.BaseStorage) -> dict[str, str | None]:
     """Each study's recorded artifact location (None where none is recorded)."""
     return {s.study_name: s.user_attrs.get(StudyAttr.ARTIFACTS) for s in storage.get_all_studies()}
+
+
+def _as_current(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec as this version of kdsearch reads it: keys added since the study was
+    created take their defaults, so attaching to an older study compares like with like."""
+    try:
+        return StudySpec.model_validate(stored).to_json_dict()
+    except Exception:
+        return stored
 
 
 def load_stored_spec(storage: optuna.storages.BaseStorage, name: str) -> StudySpec:
@@ -382,9 +395,9 @@ def _baseline_gate(study: optuna.Study, spec: StudySpec, trials: list[FrozenTria
     the claim go on, a ``Claim`` says why not. Callers hold the study lock."""
     if spec.thresholds.accuracy_reference != "baseline":
         return None
-    baselines = [t for t in trials if t.user_attrs.get(TrialAttr.BASELINE)]
-    if any(t.state == TrialState.COMPLETE for t in baselines):
+    if baseline_accuracy(trials) is not None:
         return None
+    baselines = [t for t in trials if t.user_attrs.get(TrialAttr.BASELINE)]
     waiting = sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t.number)
     if waiting and waiting[0].user_attrs.get(TrialAttr.BASELINE):
         return None  # the next claim takes the baseline
@@ -401,11 +414,13 @@ def _baseline_gate(study: optuna.Study, spec: StudySpec, trials: list[FrozenTria
 
 
 def baseline_accuracy(trials: Sequence[FrozenTrial]) -> float | None:
-    """The dev accuracy of the baseline's student (its finished run), if there is one."""
-    for trial in trials:
+    """The dev accuracy of the baseline's student (its first seed's finished run), the
+    reference of ``accuracy_reference: baseline``, if there is one."""
+    for trial in sorted(trials, key=lambda t: t.number):
         record = TrialRecord.of(trial)
-        if record.baseline and record.state == TrialState.COMPLETE and record.outcome:
-            return record.outcome.student_dev_accuracy
+        done = record.state == TrialState.COMPLETE and record.outcome is not None
+        if record.baseline and record.replicate == 0 and done:
+            return record.outcome.student_dev_accuracy  # type: ignore[union-attr]
     return None
 
 
@@ -434,9 +449,10 @@ def claim_trial(
 ) -> optuna.Trial | Claim:
     """Take the next trial, or say why not.
 
-    Stale trials (dead workers) are failed and re-queued first. WAITING trials (the
-    baseline, retries) go next; a new one is sampled only while finished + running +
-    waiting < n_trials. The count and the ask happen under the study lock, so two
+    Stale trials (dead workers) are failed and re-queued first. Then racing queues the
+    seeds configurations should get next (``service/racing.py``). WAITING trials (the
+    baseline, retries, seed replicates) go next; a new one is sampled only while finished
+    + running + waiting < n_trials. The count and the ask happen under the study lock, so two
     workers can never both take the last slot. With no slot free but trials running,
     the caller should wait: a running trial may still fail and need a re-run.
 
@@ -454,7 +470,8 @@ def claim_trial(
         if (gate := _baseline_gate(study, spec, everything)) is not None:
             return gate
         trials = [t for t in everything if t.state in _BUDGET_STATES]
-        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        queued = _queue_replicates(study, spec, everything, spec.n_trials - len(trials))
+        waiting = queued + sum(t.state == TrialState.WAITING for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if waiting == 0 and len(trials) >= spec.n_trials:
             return Claim.WAIT if running else Claim.DONE
@@ -465,5 +482,37 @@ def claim_trial(
         fault_point("after-ask")
         storage.record_heartbeat(trial._trial_id)
         fault_point("after-first-beat")
-        suggest(trial, spec)
+        params = suggest(trial, spec)
+        if TrialAttr.CONFIG not in trial.user_attrs:  # newly sampled: its first replicate
+            set_trial_attrs(storage, trial._trial_id, replicate_attrs(spec, params, 0))
         return trial
+
+
+def replicate_attrs(spec: StudySpec, params: dict[str, Any], replicate: int) -> dict[str, Any]:
+    """The user attrs naming a trial's configuration, replicate and seed."""
+    return {
+        TrialAttr.CONFIG: config_id(params),
+        TrialAttr.REPLICATE: replicate,
+        TrialAttr.SEED: replicate_seed(spec.seed, replicate),
+    }
+
+
+def _queue_replicates(
+    study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial], free_slots: int
+) -> int:
+    """Queue the seeds racing asks for (at most ``free_slots``); returns how many.
+    Callers hold the study lock, so no replicate is ever queued twice."""
+    if spec.replicates.max_seeds == 1:
+        return 0
+    configs = aggregate([TrialRecord.of(t) for t in trials], spec)
+    queue = seeds_to_queue(configs, spec, free_slots)
+    for config, replicate in queue:
+        attrs = replicate_attrs(spec, config.params, replicate)
+        if config.baseline:
+            attrs[TrialAttr.BASELINE] = True
+        study.enqueue_trial(config.params, user_attrs=attrs, skip_if_exists=False)
+        logger.info(
+            "configuration %s gets seed %d (replicate %d): %s",
+            config.config, attrs[TrialAttr.SEED], replicate, config.verdict,
+        )  # fmt: skip
+    return len(queue)

@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from kdsearch.service.errors import KdsearchError
-from kdsearch.service.record import StudyAttr, TrialAttr, TrialRecord
+from kdsearch.service.record import StudyAttr, TrialAttr, TrialOutcome, TrialRecord
 from kdsearch.service.spec import StudySpec, load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import (
@@ -26,6 +26,15 @@ from kdsearch.service.study import (
     worker_seed,
 )
 from tests.helpers import tiny_spec_text, write_spec
+
+
+def outcome(sigma: float, drop: float, accuracy: float = 0.8) -> TrialOutcome:
+    """A finished trial's figures, made up around its objectives."""
+    figures = {name: 0.0 for name in TrialOutcome.REQUIRED}
+    lists = ("epoch_losses", "train_sigma_per_class", "dev_sigma_per_class")
+    figures.update({name: [0.0] for name in lists})
+    figures.update(sigma=sigma, accuracy_drop=drop, student_dev_accuracy=accuracy)
+    return TrialOutcome(**figures)
 
 
 @pytest.fixture()
@@ -186,7 +195,19 @@ def test_with_the_baseline_as_reference_nothing_else_runs_before_it(
     rerun = claim_trial(studies[1], spec, storage)
     assert isinstance(rerun, optuna.Trial) and rerun.user_attrs[TrialAttr.BASELINE]
     assert claim_trial(studies[0], spec, storage) is Claim.WAIT
-    for key, value in {"sigma": 0.04, "accuracy_drop": 0.0, "train_n_total": 1}.items():
+    for key, value in outcome(0.04, 0.0).attrs().items():
         rerun.set_user_attr(key, value)
     studies[1].tell(rerun, [0.04, 0.0])
     assert isinstance(claim_trial(studies[0], spec, storage), optuna.Trial)
+
+
+def test_a_study_created_before_a_key_existed_still_attaches(
+    storage_url: str, spec: StudySpec
+) -> None:
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    study = optuna.load_study(study_name="s1", storage=storage)
+    older = spec.to_json_dict()
+    del older["replicates"]  # as stored by a version without seed replicates
+    study.set_user_attr(StudyAttr.SPEC, older)
+    assert create_or_attach(storage, spec) is False  # attached: defaults fill the new key

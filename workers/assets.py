@@ -341,6 +341,13 @@ def teacher_ref(spec: StudySpec, assets: StudyAssets) -> str:
     return str(assets.folder / "teacher") if spec.teacher.finetune else spec.teacher.model
 
 
+def student_source(spec: StudySpec, assets: StudyAssets) -> str:
+    """The model a student made of teacher layers is cut from (``student.layers_from``)."""
+    if spec.student.layers_from == "finetuned":
+        return teacher_ref(spec, assets)
+    return spec.teacher.model
+
+
 def student_tokenizer_ref(spec: StudySpec, assets: StudyAssets) -> str:
     """Where the student's tokenizer is (export saves it with the student)."""
     if assets.student_inputs is not assets.teacher_inputs and spec.student.model:
@@ -415,7 +422,7 @@ def _prepare_stage1_student(
     def build(tmp: Path) -> None:
         student = load_student(
             spec.student,
-            spec.teacher.model,
+            student_source(spec, assets),
             assets.num_labels,
             spec.seed,
             attention=SCORES_ATTENTION,

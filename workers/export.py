@@ -23,8 +23,9 @@ from optuna.trial import TrialState
 
 from kdsearch.service.artifacts import resolve_cache_dir
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.racing import Configuration, aggregate
 from kdsearch.service.record import TrialRecord
-from kdsearch.service.report import best_feasible
+from kdsearch.service.report import chosen
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import baseline_accuracy, load_stored_spec, study_artifacts
 from kdsearch.workers.assets import open_asset_cache, prepare_assets, student_tokenizer_ref
@@ -53,13 +54,16 @@ def export_student(
     spec = load_stored_spec(storage, study_name)
     study = optuna.load_study(study_name=spec.name, storage=storage)
     trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    config = None
     if trial_number is None:
-        trial = best_feasible(trials)
-        if trial is None:
+        picked = chosen(study, spec)
+        if picked is None:
             raise KdsearchError(
-                f"study {study_name!r} has no feasible finished trial yet; pass --trial N to "
-                "export another one (kdsearch status lists them)"
+                f"study {study_name!r} has no feasible configuration yet (with seed replicates: "
+                "none confirmed on its seeds); pass --trial N to export another trial "
+                "(kdsearch status lists them)"
             )
+        config, trial = picked
     else:
         trial = next((t for t in trials if t.number == trial_number), None)
         if trial is None or trial.state != TrialState.COMPLETE or trial.values is None:
@@ -67,6 +71,7 @@ def export_student(
             raise KdsearchError(
                 f"trial {trial_number} of {study_name!r} {state}; export a COMPLETE trial"
             )
+        config = next((c for c in aggregate(trials, spec) if trial.number in c.trials), None)
     device = pick_device(device_name)
     location = study_artifacts(storage, spec.name, artifacts)
     cache = open_asset_cache(location, resolve_cache_dir(location, cache_dir), storage)
@@ -75,7 +80,8 @@ def export_student(
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     job = build_trial(
         spec, assets, trial.params, device,
-        baseline_accuracy=baseline_accuracy(done), is_baseline=trial.baseline,
+        baseline_accuracy=baseline_accuracy(done),
+        is_baseline=trial.baseline and trial.replicate == 0, seed=trial.seed,
     )  # fmt: skip
     result = job.run(keep_student=True)
     try:
@@ -105,6 +111,7 @@ def export_student(
             "teacher_dev_accuracy": outcome.teacher_dev_accuracy,
         },
         "reproduced_within_tolerance": difference <= REPRODUCTION_TOLERANCE,
+        "configuration": None if config is None else _configuration_card(config, trials),
         "device": str(device),
         "torch": torch.__version__,
     }
@@ -116,3 +123,24 @@ def export_student(
     (out_dir / "kdsearch_card.json").write_text(json.dumps(card, indent=2))
     logger.info("exported trial %d to %s", trial.number, out_dir)
     return card
+
+
+def _configuration_card(config: Configuration, trials: list[TrialRecord]) -> dict[str, Any]:
+    """The exported student's configuration over all its seeds: what the verdict rests on."""
+    by_number = {t.number: t for t in trials}
+    return {
+        "id": config.config,
+        "verdict": config.verdict,
+        "seeds": config.n,
+        "sigma": {"mean": config.sigma_mean, "sd": config.sigma_sd,
+                  "low": config.sigma.low if config.sigma else None,
+                  "high": config.sigma.high if config.sigma else None},
+        "accuracy_drop": {"mean": config.drop_mean, "sd": config.drop_sd,
+                          "low": config.drop.low if config.drop else None,
+                          "high": config.drop.high if config.drop else None},
+        "replicates": [
+            {"trial": n, "seed": seed, "sigma": by_number[n].sigma,
+             "accuracy_drop": by_number[n].accuracy_drop}
+            for n, seed in zip(config.trials, config.seeds, strict=True)
+        ],
+    }  # fmt: skip

@@ -129,6 +129,10 @@ def load_student(
     torch.manual_seed(seed)
     depth = layers or student.teacher_layers
     if depth is not None:
-        # from_pretrained keeps the checkpoint's first k layers and drops the rest.
-        return load_model(teacher_ref, "student", num_labels, attention, num_hidden_layers=depth)
+        # from_pretrained keeps the checkpoint's first k layers and drops the rest; the
+        # study's own fine-tuned teacher is read from its cache as safetensors only.
+        own = student.layers_from == "finetuned"
+        return load_model(
+            teacher_ref, "student", num_labels, attention, own, num_hidden_layers=depth
+        )
     return load_model(student.model or "", "student", num_labels, attention)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from kdsearch.service.record import ProbePoint, TrialOutcome
 from kdsearch.service.spec import Hyperparameters, Stage1Spec, StudySpec
 from kdsearch.service.study import trial_depth, trial_hyperparameters, trial_stage1
-from kdsearch.workers.assets import StudyAssets, run_stage1
+from kdsearch.workers.assets import StudyAssets, run_stage1, student_source
 from kdsearch.workers.device import peak_memory
 from kdsearch.workers.distill import LogitDistillation
 from kdsearch.workers.inference import predict_logits, probabilities
@@ -133,19 +133,22 @@ class DistillationTrial:
     def setup(self) -> None:
         spec, assets = self.spec, self.assets
         if assets.stage1_student is not None:
-            # The study's stage-1 student, distilled once with the study seed; the seed is
-            # set again before stage 2, so the trial is deterministic on this path too.
+            # The study's stage-1 student, distilled once; its classifier head (untouched
+            # by stage 1) is drawn again from the trial's seed, as a fresh student's is,
+            # and the seed is set again before stage 2: deterministic on this path too.
             self.student = load_model(
                 str(assets.stage1_student),
                 "stage-1 student",
                 assets.num_labels,
                 safetensors_only=True,
             )
+            torch.manual_seed(self.seed)
+            self.student.classifier.apply(self.student._init_weights)
             return
         attention = SCORES_ATTENTION if self.stage1 is not None else None
         self.student = load_student(
             spec.student,
-            spec.teacher.model,
+            student_source(spec, assets),
             assets.num_labels,
             self.seed,
             attention=attention,
@@ -302,15 +305,17 @@ def build_trial(
     on_probe: Callable[[ProbePoint], None] | None = None,
     baseline_accuracy: float | None = None,
     is_baseline: bool = False,
+    seed: int | None = None,
 ) -> DistillationTrial:
-    """The trial for ``params`` (the searched values; the rest from the spec).
-    ``baseline_accuracy``: the baseline student's dev accuracy, once known."""
+    """The trial for ``params`` (the searched values; the rest from the spec), trained
+    with ``seed`` (a replicate's; default the study's). ``baseline_accuracy``: the
+    baseline student's dev accuracy, once known."""
     return DistillationTrial(
         spec,
         assets,
         trial_hyperparameters(spec, params),
         device,
-        seed=spec.seed,
+        seed=spec.seed if seed is None else seed,
         on_probe=on_probe,
         stage1=trial_stage1(spec, params),
         depth=trial_depth(spec, params),

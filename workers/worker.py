@@ -212,15 +212,20 @@ class Worker:
         history: list[ProbePoint] = []
         with Heartbeat(self.study, trial._trial_id, spec.reliability.heartbeat_interval_s):
             try:
-                is_baseline = bool(trial.user_attrs.get(TrialAttr.BASELINE))
+                frozen = self._db(lambda: self.storage.get_trial(trial._trial_id), "reading it")
+                record = TrialRecord.of(frozen)
+                # The baseline (every trial's point of comparison) and the further seeds of
+                # a configuration (their configuration earned them) are never pruned.
+                protected = record.baseline or record.replicate > 0
                 job = build_trial(
                     spec,
                     self.assets,
                     trial.params,
                     self.device,
-                    on_probe=lambda p: self._on_probe(trial, history, p, is_baseline),
+                    on_probe=lambda p: self._on_probe(trial, history, p, protected),
                     baseline_accuracy=self._baseline_accuracy(),
-                    is_baseline=is_baseline,
+                    is_baseline=record.baseline and record.replicate == 0,
+                    seed=record.seed,
                 )
                 self.recorder.started(trial, job.hparams, str(self.device))
                 logger.info("trial %d: %s", trial.number, job.hparams.model_dump())
@@ -266,14 +271,14 @@ class Worker:
         return baseline_accuracy(trials)
 
     def _on_probe(
-        self, trial: optuna.Trial, history: list[ProbePoint], point: ProbePoint, baseline: bool
+        self, trial: optuna.Trial, history: list[ProbePoint], point: ProbePoint, protected: bool
     ) -> None:
         """Record the probe (visible in optuna-dashboard as a user attr), then ask the
-        pruning rules (never for the baseline, which every other trial is compared with).
-        Raises ``optuna.TrialPruned`` to stop the trial."""
+        pruning rules, unless the trial is ``protected``. Raises ``optuna.TrialPruned`` to
+        stop the trial."""
         history.append(point)
         self.recorder.probed(trial, history)
-        if baseline:
+        if protected:
             return
         finished: list[list[ProbePoint]] = []
         if "pareto" in self.spec.pruning.rule:

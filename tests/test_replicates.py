@@ -1,0 +1,135 @@
+"""Seed replicates with real worker processes on real PostgreSQL: replicates share their
+configuration and differ in seed, the budget is exact, a killed replicate is re-run with
+its seed, racing establishes the noise on the baseline first."""
+
+from __future__ import annotations
+
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from kdsearch.service.racing import aggregate, replicate_seed
+from kdsearch.service.record import TrialAttr, TrialRecord
+from kdsearch.service.spec import load_spec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import create_or_attach
+from kdsearch.workers.worker import Worker, WorkerOptions
+from tests.helpers import finish, start_worker, tiny_spec_text, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def make(url: str, tmp_path: Path, tiny_bert_dir: Path, fixture_glue: Path, name: str,
+         n_trials: int, replicates: str) -> None:  # fmt: skip
+    text = tiny_spec_text(name, tiny_bert_dir, fixture_glue / "SST-2", n_trials=n_trials)
+    text += f"replicates: {replicates}\n"
+    create_or_attach(open_storage(url), load_spec(write_spec(tmp_path / f"{name}.yaml", text)))
+
+
+def records(url: str, name: str) -> list[TrialRecord]:
+    return [TrialRecord.of(t) for t in optuna.load_study(study_name=name, storage=url).trials]
+
+
+def test_two_workers_give_every_configuration_its_seeds_within_the_budget(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "all", 6,
+         "{max_seeds: 2, strategy: all}")  # fmt: skip
+    finish([start_worker(pg_url, "all", tmp_path / "art") for _ in range(2)])
+    done = records(pg_url, "all")
+    assert [r.state for r in done] == [TrialState.COMPLETE] * 6  # the budget, exactly
+    by_config: dict[str, list[TrialRecord]] = defaultdict(list)
+    for r in done:
+        by_config[r.config].append(r)  # type: ignore[index]
+    assert len(by_config) == 3
+    for replicates in by_config.values():
+        assert len({tuple(sorted(r.params.items())) for r in replicates}) == 1  # same values
+        assert sorted(r.seed for r in replicates) == sorted(replicate_seed(7, k) for k in (0, 1))
+        assert sorted(r.replicate for r in replicates) == [0, 1]
+        hyper = [r.hyperparameters for r in replicates]
+        assert hyper[0] == hyper[1]
+    # different seeds, different students (the head, dropout and the data order)
+    assert all(len({r.sigma for r in reps}) == 2 for reps in by_config.values())
+
+
+def test_racing_replicates_the_baseline_first_and_aggregates_by_configuration(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "race", 4, "{max_seeds: 3}")
+    assert Worker(WorkerOptions(pg_url, "race", str(tmp_path / "art"), threads=1)).run() == 0
+    done = records(pg_url, "race")
+    assert [r.state for r in done] == [TrialState.COMPLETE] * 4
+    # No noise estimate after one seed: the baseline gets its second seed before anything
+    # else is sampled (one worker: the order is the queue's).
+    assert [(r.baseline, r.replicate) for r in done[:2]] == [(True, 0), (True, 1)]
+    assert done[1].params == done[0].params and done[1].seed != done[0].seed
+    configs = aggregate(done, load_spec(tmp_path / "race.yaml"))
+    baseline = next(c for c in configs if c.baseline)
+    assert baseline.n >= 2 and baseline.sigma is not None  # bounds, from the pooled noise
+    assert sum(c.n for c in configs) == 4
+
+
+def test_a_killed_replicate_is_rerun_with_its_seed(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    make(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "kill", 3, "{max_seeds: 3}")
+    env = {
+        "KDSEARCH_FAULT": "after-first-beat@2:pause=120",  # in its second claim
+        "KDSEARCH_FAULT_REACHED": str(tmp_path / "reached"),
+    }
+    victim = start_worker(pg_url, "kill", tmp_path / "art", **env)
+    wait_for(lambda: (tmp_path / "reached").exists(), what="the second claim")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    held = records(pg_url, "kill")[1]
+    assert held.state == TrialState.RUNNING and held.replicate == 1
+    finish([start_worker(pg_url, "kill", tmp_path / "art")])
+    done = records(pg_url, "kill")
+    assert done[1].state == TrialState.FAIL
+    rerun = next(r for r in done if r.retry_of == 1)
+    assert rerun.state == TrialState.COMPLETE
+    assert (rerun.replicate, rerun.seed, rerun.config) == (1, held.seed, held.config)
+    assert rerun.seed == replicate_seed(7, 1)
+    assert sum(r.state == TrialState.COMPLETE for r in done) == 3
+    first = optuna.load_study(study_name="kill", storage=pg_url).trials[0]
+    assert first.user_attrs[TrialAttr.SEED] == 7  # the baseline's first seed: the study's
+
+
+def test_status_report_and_dataframe_show_configurations(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    import json
+
+    import kdsearch
+    from tests.helpers import kdsearch as cli
+
+    make(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "shown", 3, "{max_seeds: 2, strategy: all}")
+    study = kdsearch.load_study("shown", storage=pg_url)
+    study.run_worker(threads=1)
+    table = cli("status", "--study", "shown", "--storage", pg_url).stdout
+    assert table.startswith("configurations (mean ± sd over seeds [confidence bounds]):")
+    assert "trials:" in table
+    rows = json.loads(
+        cli("status", "--study", "shown", "--configurations", "--format", "json",
+            "--storage", pg_url).stdout
+    )  # fmt: skip
+    frame = study.configurations_dataframe()
+    assert len(rows) == len(frame) == 2  # 3 trials: the baseline twice, one more config once
+    baseline = frame[frame.baseline].iloc[0]
+    assert baseline.seeds == 2
+    done = [r for r in study.records() if r.baseline]
+    sigmas = [r.sigma for r in done]
+    assert baseline.sigma_mean == pytest.approx(sum(sigmas) / 2)
+    assert baseline.sigma_sd == pytest.approx(abs(sigmas[0] - sigmas[1]) / 2**0.5)
+    assert rows[0]["verdict"] == baseline.verdict
+    (summary,) = json.loads(
+        cli("report", "--study", "shown", "--format", "json", "--storage", pg_url).stdout
+    )
+    assert summary["baseline_seeds"] == 2 and summary["baseline_sigma"] == pytest.approx(
+        baseline.sigma_mean
+    )
+    assert len(summary["configurations"]) == 2
