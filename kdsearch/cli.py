@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from kdsearch import __version__
 
@@ -145,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, metavar="N", help="CPU threads for torch (default: all)"
     )
     worker.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        help="training precision on this worker (default: the study's training.precision; "
+        "auto: bf16 where the hardware has it)",
+    )
+    worker.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=os.environ.get("KDSEARCH_MLFLOW"),
+        help="also log each trial to this MLflow tracking URI (file:./mlruns, "
+        "sqlite:///mlflow.db, http://host:5000); default: $KDSEARCH_MLFLOW, else the "
+        "study's tracking.mlflow",
+    )
+    worker.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=os.environ.get("KDSEARCH_TENSORBOARD"),
+        help="also log each trial to this TensorBoard folder; default: "
+        "$KDSEARCH_TENSORBOARD, else the study's tracking.tensorboard",
+    )
+    worker.add_argument(
         "--max-trials", type=_positive_int, metavar="N", help="stop this worker after N trials"
     )
     worker.add_argument(
@@ -161,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--study", required=True, metavar="NAME", help=STUDY_HELP)
     status.add_argument(
         "--format", choices=("table", "json"), default="table", help="table (default) or json"
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=5.0,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 5): trials done, running and queued, the best "
+        "feasible so far, each running trial's progress, the time left; stops when the "
+        "budget is spent or the study halts (Ctrl-C to leave earlier)",
     )
     status.add_argument(
         "--configurations",
@@ -356,7 +388,7 @@ def _worker(args: argparse.Namespace, stop: object) -> int:
     with worker_device(
         args.gpu, args.device, Path(args.gpu_lock_dir), args.workers_per_gpu
     ) as device:
-        from kdsearch.workers.liveness import GracefulStop
+        from kdsearch.workers.stopping import GracefulStop
         from kdsearch.workers.worker import WorkerOptions, run_worker
 
         _quiet_transformers()
@@ -372,6 +404,9 @@ def _worker(args: argparse.Namespace, stop: object) -> int:
             threads=args.threads,
             max_trials=args.max_trials,
             storage_timeout_s=args.storage_timeout,
+            precision=args.precision,
+            mlflow=args.mlflow or None,
+            tensorboard=args.tensorboard or None,
         )
         return run_worker(options, stop)
 
@@ -483,6 +518,8 @@ def _status(args: argparse.Namespace) -> int:
     storage = open_storage(resolve_storage_url(args.storage), create=False)
     spec = load_stored_spec(storage, args.study)
     study = optuna.load_study(study_name=spec.name, storage=storage)
+    if args.watch is not None:
+        return _watch(study, spec, storage, args.watch)
     configs = configuration_table(study, spec)
     rows = trial_rows(study, list(spec.search_space))
     if args.format == "json":
@@ -502,6 +539,40 @@ def _status(args: argparse.Namespace) -> int:
         footer += f"HALTED: {reason}\n"
     sys.stdout.write(text + footer)
     return 0
+
+
+def _watch(study: Any, spec: Any, storage: Any, every_s: float) -> int:
+    """Redraw the live view every ``every_s`` until the study is done or halted; a lost
+    database is waited for (the workers wait for it too)."""
+    import time
+
+    from kdsearch.service.status import live_view, study_finished
+    from kdsearch.service.storage import with_reconnect
+    from kdsearch.service.study import halted_reason
+
+    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            text, done, halted = with_reconnect(
+                lambda: (
+                    live_view(study, spec),
+                    study_finished(study, spec),
+                    halted_reason(storage, spec.name),
+                ),
+                "reading the study",
+                600.0,
+            )
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"{clear}{stamp}  {text}\n" + ("" if clear else "\n"))
+            sys.stdout.flush()
+            if halted:
+                sys.stdout.write(f"HALTED: {halted}\n")
+                return 1
+            if done:
+                return 0
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -542,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == ("worker", None):
             # The worker's own handler, installed before torch loads: a stop at any time
             # is a clean stop (exit 0), and during a trial it re-queues the trial.
-            from kdsearch.workers.liveness import GracefulStop
+            from kdsearch.workers.stopping import GracefulStop
 
             stop = GracefulStop()
             with stop.installed():

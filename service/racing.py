@@ -178,9 +178,15 @@ def aggregate(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configura
         groups.setdefault(key, []).append(record)
     raw = []
     for key, members in groups.items():
-        done = [r for r in members if r.state == TrialState.COMPLETE and r.values]
-        # NaN sigma (no input right for both models) counts as infinitely bad.
-        sigmas = [math.inf if math.isnan(r.values[0]) else r.values[0] for r in done]  # type: ignore[index]
+        # A degenerate replicate (no train input right for both models: sigma undefined)
+        # is a finished run of its configuration, infinitely bad in sigma.
+        done = [
+            r
+            for r in members
+            if (r.state == TrialState.COMPLETE and r.values)
+            or (r.degenerate and r.outcome is not None)
+        ]
+        sigmas = [_sigma(r) for r in done]
         raw.append(
             Configuration(
                 config=key,
@@ -189,7 +195,7 @@ def aggregate(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configura
                 trials=[r.number for r in done],
                 seeds=[r.seed if r.seed is not None else spec.seed for r in done],
                 sigmas=sigmas,
-                drops=[r.values[1] for r in done],  # type: ignore[index]
+                drops=[r.values[1] if r.values else r.outcome.accuracy_drop for r in done],  # type: ignore[union-attr]
                 replicates=max(r.replicate for r in members) + 1,
                 pending=sum(r.state in (TrialState.WAITING, TrialState.RUNNING) for r in members),
                 pruned=any(r.state == TrialState.PRUNED and r.replicate == 0 for r in members),
@@ -198,6 +204,12 @@ def aggregate(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configura
     finite = [(c.sigmas, c.drops) for c in raw if all(math.isfinite(s) for s in c.sigmas)]
     noise = pooled_noise(finite)
     return [_judge(c, spec, noise) for c in raw]
+
+
+def _sigma(r: TrialRecord) -> float:
+    """A finished replicate's sigma; undefined (NaN, or a degenerate run) is infinite."""
+    sigma = r.values[0] if r.values else math.nan
+    return math.inf if math.isnan(sigma) else sigma
 
 
 def _judge(c: Configuration, spec: StudySpec, noise: Noise | None) -> Configuration:

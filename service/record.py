@@ -35,6 +35,7 @@ class StudyAttr:
     ARTIFACTS = "kdsearch:artifacts"  # where the study's artifacts are (a folder or s3://...)
     HALTED = "kdsearch:halted"  # why the study stopped every worker (failures in a row), or None
     UNHALTED_AFTER = "kdsearch:unhalted_after"  # failures up to this trial number no longer count
+    TRACKING = "kdsearch:tracking"  # {MLflow tracking URI: the study's parent run id}
 
 
 class TrialAttr:
@@ -52,14 +53,23 @@ class TrialAttr:
     WORKER_HOST = "worker_host"
     WORKER_PID = "worker_pid"
     DEVICE = "device"
+    PRECISION = "precision"  # what training ran in: bf16 or fp32 (scoring is always fp32)
     # what it ran: every hyperparameter, searched and fixed
     HYPERPARAMETERS = "hyperparameters"
     # how it went
     PROBES = "probe_history"  # [ProbePoint.as_dict(), ...]; kept when pruned
+    PROGRESS = "progress"  # a running trial's phase, step, total and elapsed seconds
+    TRACKING = "kdsearch:tracking"  # {"mlflow_run_id": ..., "tensorboard": log dir}
     PRUNED_BY = "pruned_by"  # the pruning rule that stopped it
     ERROR = "error"  # why it failed
     FAILURE = "kdsearch:failure"  # what failed: a FailureKind value (absent: its worker died)
     ARTIFACTS = "artifacts"  # {file name: artifact id}, teacher's study artifacts included
+
+
+# ``pruned_by`` of a trial whose student gets no train input right that the teacher gets
+# right: sigma is undefined. A deterministic result of its configuration and seed, not a
+# crash: the trial ends PRUNED (never retried, never feasible), not FAIL.
+DEGENERATE = "degenerate"
 
 
 class FailureKind:
@@ -228,11 +238,14 @@ class TrialRecord:
     hyperparameters: dict[str, Any] | None
     worker_host: str | None
     device: str | None
+    precision: str | None
     probes: list[ProbePoint]
+    progress: dict[str, Any] | None  # while running: {label, step, total, elapsed_s}
     pruned_by: str | None
     error: str | None
     failure: str | None  # a FailureKind; None for a FAIL trial means its worker died
     artifacts: dict[str, str]
+    tracking: dict[str, str]  # its tracking runs: mlflow_run_id, tensorboard folder
     outcome: TrialOutcome | None
     elapsed_s: float | None = field(default=None)  # start to finish (or to now if running)
 
@@ -261,14 +274,33 @@ class TrialRecord:
             hyperparameters=a.get(TrialAttr.HYPERPARAMETERS),
             worker_host=a.get(TrialAttr.WORKER_HOST),
             device=a.get(TrialAttr.DEVICE),
+            precision=a.get(TrialAttr.PRECISION),
             probes=[ProbePoint.from_dict(p) for p in a.get(TrialAttr.PROBES, [])],
+            progress=a.get(TrialAttr.PROGRESS),
             pruned_by=a.get(TrialAttr.PRUNED_BY),
             error=a.get(TrialAttr.ERROR),
             failure=a.get(TrialAttr.FAILURE),
             artifacts=dict(a.get(TrialAttr.ARTIFACTS, {})),
+            tracking=dict(a.get(TrialAttr.TRACKING, {})),
             outcome=TrialOutcome.from_attrs(a),
             elapsed_s=elapsed,
         )
+
+    def tags(self) -> dict[str, Any]:
+        """Who this trial is within the study (tracking runs carry these)."""
+        return {
+            "trial": self.number,
+            "baseline": self.baseline,
+            "config": self.config,
+            "replicate": self.replicate,
+            "seed": self.seed,
+            "attempt": self.attempt,
+        }
+
+    @property
+    def degenerate(self) -> bool:
+        """Ended PRUNED because no train input was right for both models (see DEGENERATE)."""
+        return self.state == TrialState.PRUNED and self.pruned_by == DEGENERATE
 
     @property
     def feasible(self) -> bool | None:

@@ -50,6 +50,9 @@ class StudySummary:
     n_confirmed_feasible: int = 0
     configurations: list[dict[str, Any]] | None = None  # with seed replicates
     by_depth: list[dict[str, Any]] | None = None  # when the student's depth is searched
+    # more than two classes: the best configuration's sigma of each class (mean over its
+    # seeds), by class name; its objective sigma is the largest
+    best_sigma_per_class: dict[str, float] | None = None
 
 
 def _student_name(spec: StudySpec) -> str:
@@ -151,7 +154,18 @@ def summarize(study: optuna.Study, spec: StudySpec) -> StudySummary:
         n_confirmed_feasible=sum(c.verdict == "feasible" for c in configs),
         configurations=configuration_rows(configs, spec) if replicated else None,
         by_depth=depth_rows(complete, spec) if DEPTH in spec.search_space else None,
+        best_sigma_per_class=per_class_sigma(best_outcomes, spec),
     )
+
+
+def per_class_sigma(outcomes: list[Any], spec: StudySpec) -> dict[str, float] | None:
+    """Each class's train sigma, averaged over ``outcomes`` (a configuration's seeds), by
+    class name; None for two classes (both equal the paper's sigma)."""
+    lists = [o.train_sigma_per_class for o in outcomes if o.train_sigma_per_class]
+    if not lists or len(lists[0]) <= 2:
+        return None
+    names = spec.data.labels or [str(c) for c in range(len(lists[0]))]
+    return {name: sum(v[c] for v in lists) / len(lists) for c, name in enumerate(names)}
 
 
 def _depth(trial: TrialRecord, spec: StudySpec) -> int:
@@ -230,6 +244,10 @@ def format_markdown(summaries: list[StudySummary]) -> str:
         if s.by_depth:
             lines += ["", f"{s.study}: sigma and accuracy drop against the student's depth", ""]
             lines += _markdown_table(s.by_depth)
+        if s.best_sigma_per_class:
+            lines += ["", f"{s.study}: the best configuration's sigma per class (its objective "
+                      "is the largest)", ""]  # fmt: skip
+            lines += _markdown_table([s.best_sigma_per_class])
     return "\n".join(lines)
 
 
@@ -385,6 +403,9 @@ def study_note(summary: StudySummary, spec: StudySpec) -> str:
     ]
     if summary.configurations is not None:
         confirmed = ["- **confirmed feasible configurations**:", *(confirmed or ["  - none yet"])]
+    if summary.best_sigma_per_class:
+        classes = ", ".join(f"{k} {v:.4f}" for k, v in summary.best_sigma_per_class.items())
+        confirmed.append(f"- best's sigma per class (the objective is the largest): {classes}")
     return "\n".join(
         [
             f"# {spec.name}",

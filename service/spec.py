@@ -311,6 +311,10 @@ class TrainingSpec(_Section):
     eval_every_steps: Int(1, 10**9) | None = None
     """Evaluate dev (and the pruning probe) every this many optimizer steps, besides each
     epoch end: TinyBERT's ``eval_step``. Every evaluation is a selection candidate."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training (and the evaluations during it) under bf16 autocast or in fp32. ``auto``:
+    bf16 where the hardware runs it natively (GPUs; CPUs with AMX or AVX512-BF16), else
+    fp32. The teacher's logits and every trial's final scoring are fp32 regardless."""
 
 
 class PruningSpec(_Section):
@@ -401,6 +405,20 @@ class SamplerSpec(_Section):
     """TPE only: random trials before the model-based search starts."""
 
 
+class TrackingSpec(_Section):
+    """Where workers also log each trial, besides the study database (optional; the
+    ``tracking`` extra installs both clients). A worker's ``--mlflow`` / ``--tensorboard``
+    flags override these."""
+
+    mlflow: str | None = None
+    """An MLflow tracking URI (``file:./mlruns``, ``sqlite:///mlflow.db``,
+    ``http://host:5000``): one experiment per study, a parent run for the study and a
+    nested run per trial (hyperparameters, loss curve, probes, final figures, plots)."""
+    tensorboard: str | None = None
+    """A TensorBoard log folder: a sub-folder per trial (``<study>/trial-<n>``) with its
+    scalars, hyperparameters and plots."""
+
+
 class StudySpec(_Section):
     name: str
     """Study name in the storage (letters, digits, '_', '-', '.')."""
@@ -426,6 +444,7 @@ class StudySpec(_Section):
     sampler: SamplerSpec = SamplerSpec()
     pruning: PruningSpec = PruningSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
+    tracking: TrackingSpec = TrackingSpec()
     eval_batch_size: BatchSize = 128
 
     @property

@@ -133,6 +133,7 @@ _IMPORT_NAMES = {
     "pyyaml": "yaml",
     "psycopg2-binary": "psycopg2",
     "optuna-dashboard": "optuna_dashboard",
+    "mlflow-skinny": "mlflow",
 }
 
 
@@ -141,7 +142,8 @@ def test_every_third_party_import_is_declared() -> None:
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [*project["dependencies"], *project["optional-dependencies"]["s3"]]
+    extras = project["optional-dependencies"]
+    declared = [*project["dependencies"], *extras["s3"], *extras["tracking"]]
     names = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in declared}
     importable = {_IMPORT_NAMES.get(n, n.replace("-", "_")) for n in names} | {"botocore"}
     used = set()

@@ -67,6 +67,44 @@ def test_sigma_hand_computed() -> None:
     assert stats.rms_delta == pytest.approx(np.sqrt((0.01 + 0.04 + 0.0025) / 3))
 
 
+def test_three_class_sigma_hand_computed_on_mnli_shaped_rows() -> None:
+    # MNLI's labels: 0 entailment, 1 neutral, 2 contradiction. Row 3: the student predicts
+    # neutral for a contradiction, so rows 0, 1, 2, 4 are kept.
+    teacher = np.array(
+        [[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]
+    )
+    student = np.array(
+        [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3], [0.5, 0.2, 0.3]]
+    )
+    labels = np.array([0, 1, 2, 2, 0])
+    # kept deltas, class by class (teacher - student):
+    #   p_entailment:    [ 0.2, -0.1,  0.1,  0.1]  mean 0.075   std 0.10897
+    #   p_neutral:       [-0.2,  0.2,  0.0,  0.1]  mean 0.025   std 0.14790
+    #   p_contradiction: [ 0.0, -0.1, -0.1, -0.2]  mean -0.1    std 0.07071
+    per_class = [
+        np.sqrt(np.mean((np.array(d) - np.mean(d)) ** 2))
+        for d in ([0.2, -0.1, 0.1, 0.1], [-0.2, 0.2, 0.0, 0.1], [0.0, -0.1, -0.1, -0.2])
+    ]
+    assert per_class == pytest.approx([0.108972, 0.147902, 0.070711], abs=1e-6)
+    stats = confidence_stats(teacher, student, labels)
+    assert stats.n_kept == 4 and stats.n_total == 5
+    assert stats.sigma_per_class == pytest.approx(per_class, abs=1e-12)
+    assert stats.sigma == pytest.approx(per_class[1], abs=1e-12)  # the worst class: neutral
+    # predicted-class deltas: [0.2, 0.2, -0.1, 0.1]
+    assert stats.sigma_predicted_class == pytest.approx(np.std([0.2, 0.2, -0.1, 0.1]))
+
+
+def test_two_class_sigma_is_the_papers_for_both_classes() -> None:
+    # p1 = 1 - p0, so both classes' sigma equal the paper's p0 value (and the objective).
+    rng = np.random.default_rng(0)
+    p0 = rng.uniform(0.05, 0.95, size=(2, 200))
+    teacher, student = (np.stack([p, 1 - p], axis=1) for p in p0)
+    labels = (p0[0] < 0.5).astype(int)
+    stats = confidence_stats(teacher, student, labels)
+    assert stats.sigma_per_class[0] == pytest.approx(stats.sigma_per_class[1], abs=1e-12)
+    assert stats.sigma == stats.sigma_per_class[0]
+
+
 def test_sigma_is_nan_when_no_input_is_kept() -> None:
     probs = np.array([[0.9, 0.1]])
     assert np.isnan(sigma(probs, probs, np.array([1])))

@@ -13,8 +13,10 @@ import yaml
 
 import kdsearch
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.racing import aggregate
 from kdsearch.service.report import depth_png, summarize
-from kdsearch.workers.models import load_model
+from kdsearch.service.study import halted_reason
+from kdsearch.workers.models import forget_loaded, load_model
 from tests.helpers import ROOT, bert_teacher, glue_hub_folder, tinybert_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -60,10 +62,7 @@ def test_a_tinybert_checkpoint_without_model_type_loads_as_bert(
         load_model(str(stand_ins["4L"].parent / "odd"), "student", num_labels=2)
 
 
-@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
-def test_each_paper_study_runs_end_to_end(
-    path: Path, stand_ins: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _dry_run_spec(path: Path, stand_ins: dict[str, Path]) -> dict:
     raw = yaml.safe_load(path.read_text())
     # What needs the network, swapped for stand-ins of the same shape; sizes shrunk.
     raw["teacher"]["model"] = str(stand_ins["teacher"])
@@ -78,11 +77,23 @@ def test_each_paper_study_runs_end_to_end(
     raw["eval_batch_size"] = 16
     raw["training"]["eval_every_steps"] = 2
     raw["reliability"] = {"heartbeat_interval_s": 1, "grace_period_s": 30}
+    return raw
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_each_paper_study_runs_end_to_end(
+    path: Path, stand_ins: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = _dry_run_spec(path, stand_ins)
+    # Two trials: the baseline and a sampled one (racing, as shipped, would give the
+    # baseline its second seed first; tests/test_replicates.py covers racing).
+    raw["replicates"] = {"max_seeds": 1}
     caplog.set_level("INFO")
+    forget_loaded()  # the stand-in checkpoints are shared: read this study's from disk
     study = kdsearch.create_study(
         raw, storage=f"sqlite:///{tmp_path / 'k.db'}", artifacts=str(tmp_path / "art")
     )
-    study.run_worker(threads=1)
+    study.run_worker(threads=1, sampler_seed=0)  # one sampled trial, the same every run
     records = study.records()
     assert [r.state.name for r in records] == ["COMPLETE", "COMPLETE"], [r.error for r in records]
     baseline, other = records
@@ -114,3 +125,28 @@ def test_each_paper_study_runs_end_to_end(
         assert {row["depth"] for row in summary.by_depth} == depths
         depth_png(study.optuna, study.spec, tmp_path / "depth.png")
         assert (tmp_path / "depth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_collapsed_replicate_is_pruned_not_retried(
+    stand_ins: dict[str, Path], tmp_path: Path
+) -> None:
+    # RTE with the 6-layer stand-in, as shipped (racing): the baseline's second seed gives
+    # a student that gets no train row right that the teacher gets right, so sigma is
+    # undefined. That is the configuration's result, deterministic for its seed: the trial
+    # ends PRUNED with its figures, it is not failed, retried or counted towards a halt.
+    raw = _dry_run_spec(ROOT / "studies" / "paper" / "rte-s6l.yaml", stand_ins)
+    forget_loaded()
+    study = kdsearch.create_study(
+        raw, storage=f"sqlite:///{tmp_path / 'k.db'}", artifacts=str(tmp_path / "art")
+    )
+    study.run_worker(threads=1)
+    first, second = study.records()  # the budget, and nothing else: no retry
+    assert (first.replicate, second.replicate) == (0, 1) and second.baseline
+    assert first.state.name == "COMPLETE"
+    assert second.state.name == "PRUNED" and second.degenerate and second.failure is None
+    assert second.outcome is not None and second.outcome.train_n_kept == 0
+    assert second.feasible is False  # its constraints: undefined sigma is never feasible
+    (baseline,) = aggregate(study.records(), study.spec)
+    assert baseline.n == 2 and baseline.sigmas[1] == float("inf")
+    assert baseline.verdict == "infeasible"
+    assert halted_reason(study.optuna._storage, "rte-s6l") is None

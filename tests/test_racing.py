@@ -49,8 +49,9 @@ def trial(
         values=(sigma, drop) if sigma is not None else None, constraints=None,
         baseline=baseline, config=config_id(params), replicate=replicate,
         seed=replicate_seed(7, replicate), attempt=0, retry_of=None, retry_reason=None,
-        hyperparameters=None, worker_host=None, device=None, probes=[], pruned_by=None,
-        error=None, failure=None, artifacts={}, outcome=None,
+        hyperparameters=None, worker_host=None, device=None, precision=None, probes=[],
+        progress=None, pruned_by=None, error=None, failure=None, artifacts={}, tracking={},
+        outcome=None,
     )  # fmt: skip
 
 

@@ -71,12 +71,17 @@ def test_every_trial_has_its_predictions_and_figures(finished: dict) -> None:
         assert set(ids) == {
             "student_train.csv", "student_dev.csv", "teacher_train.csv", "teacher_dev.csv",
             "confidence_delta_histogram.png", "confidence_scatter.png", "reliability_diagram.png",
+            "probe_curve.png",
         }  # fmt: skip
         # The teacher's files are study artifacts, uploaded once; the rest are the trial's.
         metas = get_all_artifact_meta(trial, storage=study._storage)
         assert {m.filename for m in metas} == set(ids) - teacher
         assert {k: ids[k] for k in teacher} == teacher_ids
-        for name in ("confidence_delta_histogram.png", "reliability_diagram.png"):
+        for name in (
+            "confidence_delta_histogram.png",
+            "reliability_diagram.png",
+            "probe_curve.png",
+        ):
             path = finished["tmp"] / f"{trial.number}-{name}"
             download_artifact(artifact_store=store, artifact_id=ids[name], file_path=str(path))
             assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
@@ -228,9 +233,11 @@ def test_dashboard_started_elsewhere_warns_about_unreadable_artifacts(
     finished: dict, tmp_path: Path
 ) -> None:
     server, base = _dashboard(finished["url"], tmp_path, "--artifacts", str(tmp_path / "gone"))
-    with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
-        assert len(json.loads(r.read())["study_summaries"]) == 1  # it serves the studies
-    log = _stop(server)
+    try:
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
+            assert len(json.loads(r.read())["study_summaries"]) == 1  # it serves the studies
+    finally:
+        log = _stop(server)
     assert f"artifact folder {tmp_path / 'gone'} does not exist" in log, log
 
 

@@ -36,6 +36,9 @@ def test_demo_spec_resolves_paths_and_defaults() -> None:
         "weight_decay": 1e-4, "temperature": 1.0, "warmup_proportion": 0.1,
     }  # fmt: skip
     assert (spec.thresholds.sigma_max, spec.thresholds.accuracy_drop_max) == (0.05, 0.01)
+    # the demo shows verdicts on several seeds, with racing
+    assert (spec.replicates.max_seeds, spec.replicates.strategy) == (3, "racing")
+    assert spec.student.layers_from == "finetuned"
 
 
 @pytest.fixture()
@@ -174,3 +177,5 @@ def test_the_papers_twelve_studies() -> None:
             500 if spec.task in ("sst2", "qnli", "qqp") else 100
         )
         assert spec.thresholds.accuracy_reference == "baseline"
+        # seed noise is a fifth of kappa: every configuration may get 3 seeds (racing)
+        assert (spec.replicates.max_seeds, spec.replicates.strategy) == (3, "racing")

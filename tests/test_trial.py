@@ -8,11 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import BertConfig, BertModel
 
 from kdsearch.service.record import ProbePoint
-from kdsearch.service.spec import StudySpec, TrainingSpec, load_spec
-from kdsearch.workers.assets import AssetCache, StudyAssets, load_study_teacher, prepare_assets
-from kdsearch.workers.inference import predict_logits
+from kdsearch.service.spec import StudentSpec, StudySpec, TrainingSpec, load_spec
+from kdsearch.workers.assets import (
+    AssetCache,
+    StudyAssets,
+    load_study_teacher,
+    prepare_assets,
+)
+from kdsearch.workers.device import bf16_hardware, training_dtype
+from kdsearch.workers.inference import predict_logits, probabilities
+from kdsearch.workers.models import forget_loaded, load_student
 from kdsearch.workers.trial import build_trial
 from tests.helpers import tiny_spec_text, write_spec
 
@@ -124,3 +132,129 @@ def test_bertadam_trains_the_student(spec: StudySpec, assets: StudyAssets) -> No
     adamw = build_trial(spec, assets, params, CPU).run().outcome
     assert bert.epoch_losses[1] < bert.epoch_losses[0]
     assert bert.sigma != adamw.sigma  # another optimizer, another student
+
+
+def test_student_weights_are_drawn_from_the_seed_on_every_load(tmp_path: Path) -> None:
+    # The checkpoint is read once per process; every later load copies it and draws the
+    # new classifier head again: the same seed gives the same student, first load or not.
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path)  # an encoder without a classifier head
+    student = StudentSpec(model=str(tmp_path))
+    forget_loaded()
+    first, again, other = (load_student(student, "", 2, seed) for seed in (7, 7, 8))
+    forget_loaded()
+    cold = load_student(student, "", 2, 7)  # read from disk
+    heads = [m.classifier.weight for m in (first, again, other, cold)]
+    assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[3])
+    assert not torch.equal(heads[0], heads[2])
+    for name, p in first.bert.named_parameters():  # the checkpoint's weights, untouched
+        torch.testing.assert_close(p, other.bert.get_parameter(name), rtol=0, atol=0)
+    # a copy each time: training one student leaves the next one untouched
+    with torch.no_grad():
+        first.classifier.weight.add_(1.0)
+    assert torch.equal(load_student(student, "", 2, 7).classifier.weight, heads[1])
+
+
+def test_auto_precision_follows_the_cpu_flags(caplog: pytest.LogCaptureFixture) -> None:
+    flags = (
+        set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    )
+    native = bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert (bf16_hardware(CPU) is not None) == native
+    caplog.set_level(logging.INFO, logger="kdsearch.workers.device")
+    assert training_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert training_dtype("fp32", CPU) is None
+    assert training_dtype("bf16", CPU) == torch.bfloat16
+    assert f"bf16 hardware: {bf16_hardware(CPU) or 'none'}" in caplog.records[0].getMessage()
+
+
+def test_bf16_training_agrees_with_fp32(spec: StudySpec, assets: StudyAssets) -> None:
+    # bf16 autocast trains and evaluates during training; the final scoring is fp32.
+    # docs/benchmarks.md: on real models the two differ far less than one seed moves sigma.
+    params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2}
+    fp32 = build_trial(spec, assets, params, CPU).run()
+    bf16 = build_trial(spec, assets, params, CPU, dtype=torch.bfloat16).run()
+    assert bf16.student_probs_train.dtype == np.float32
+    assert bf16.sigma != fp32.sigma  # it did train in another precision
+    assert abs(bf16.sigma - fp32.sigma) < 0.005
+    assert abs(bf16.accuracy_drop - fp32.accuracy_drop) <= 2 / 64  # at most 2 dev rows
+
+
+def _roberta_student_with_its_own_vocabulary(folder: Path, texts: list[str]) -> None:
+    """A tiny RoBERTa-style classifier and a word-level tokenizer trained on ``texts``:
+    another tokenizer class, another vocabulary, other special tokens than the teacher's."""
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from tokenizers.trainers import WordLevelTrainer
+    from transformers import (
+        PreTrainedTokenizerFast,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+    raw = Tokenizer(WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(texts, WordLevelTrainer(special_tokens=specials))
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 1), ("</s>", 2)],
+    )  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+    )  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=40, pad_token_id=0, type_vocab_size=1,
+        num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_a_student_with_its_own_tokenizer(
+    spec: StudySpec, assets: StudyAssets, tmp_path: Path
+) -> None:
+    # The teacher (BERT WordPiece, 30k tokens) and the student (RoBERTa-style, a word-level
+    # vocabulary of a few hundred) each tokenise the same rows; the teacher's logits,
+    # computed once on its own tokens, are the targets of the student's rows.
+    from kdsearch.workers.data import load_task_data
+    from kdsearch.workers.models import load_tokenizer
+
+    student_dir = tmp_path / "student"
+    texts = load_task_data(spec).train.text_a
+    _roberta_student_with_its_own_vocabulary(student_dir, texts)
+    own = spec.model_copy(update={"student": StudentSpec(model=str(student_dir))})
+    ours = prepare_assets(own, AssetCache(tmp_path / "cache"), CPU)
+    teacher_rows, student_rows = ours.teacher_inputs, ours.student_inputs
+    assert student_rows is not teacher_rows
+    assert len(student_rows.train) == len(teacher_rows.train) == 160
+    assert len(student_rows.dev) == len(teacher_rows.dev) == 64
+    student_tokenizer = load_tokenizer(str(student_dir))
+    first = student_rows.train.input_ids[0]
+    assert (
+        first[0] == student_tokenizer.bos_token_id and first[-1] == student_tokenizer.eos_token_id
+    )
+    assert max(max(ids) for ids in student_rows.train.input_ids) < len(student_tokenizer)
+    assert student_tokenizer.decode(first[1:-1]).split()[:3] == texts[0].split()[:3]
+    assert teacher_rows.train.input_ids[0] != first  # another vocabulary
+    # the teacher's side is the study's shared one, computed once, untouched
+    torch.testing.assert_close(ours.teacher_logits_train, assets.teacher_logits_train)
+    # Trained on the teacher's logits row by row, the student's probabilities move toward
+    # the teacher's (rows misaligned between the two tokenisations would not).
+    untrained = load_student(own.student, "", 2, own.seed)
+    pad = student_rows.pad_id
+    before = probabilities(predict_logits(untrained, student_rows.train, 64, CPU, pad))
+    params = {"learning_rate": 3e-3, "batch_size": 16, "epochs": 10}  # 200 tiny steps
+    result = build_trial(own, ours, params, CPU).run()
+    teacher = probabilities(ours.teacher_logits_train)
+    gap = [np.abs(teacher - p).mean() for p in (before, result.student_probs_train)]
+    assert gap[1] < 0.5 * gap[0], gap
+    o = result.outcome
+    assert o.teacher_dev_accuracy == assets.teacher_dev_accuracy
+    assert 0 < o.train_n_kept <= 160 and np.isfinite(o.sigma)

@@ -243,7 +243,9 @@ def open_asset_cache(
     )
 
 
-def prepare_assets(spec: StudySpec, cache: AssetCache, device: torch.device) -> StudyAssets:
+def prepare_assets(
+    spec: StudySpec, cache: AssetCache, device: torch.device, dtype: torch.dtype | None = None
+) -> StudyAssets:
     """Load the study's assets, computing them first if no worker has yet: the teacher's
     side (its logits, on its tokenization), then the student's own tokenization when it
     has another tokenizer, then the shared stage-1 student when the spec asks for one."""
@@ -263,7 +265,7 @@ def prepare_assets(spec: StudySpec, cache: AssetCache, device: torch.device) -> 
             )
         assets = dataclasses.replace(assets, student_inputs=student)
     if spec.stage1 is not None and not spec.stage1_per_trial:
-        stage1 = _prepare_stage1_student(spec, assets, cache, device)
+        stage1 = _prepare_stage1_student(spec, assets, cache, device, dtype)
         assets = dataclasses.replace(assets, stage1_student=stage1)
     return assets
 
@@ -355,19 +357,23 @@ def student_tokenizer_ref(spec: StudySpec, assets: StudyAssets) -> str:
     return teacher_ref(spec, assets)
 
 
+_TEACHERS: dict[tuple[str, str | None, int], PreTrainedModel] = {}
+
+
 def load_study_teacher(
     spec: StudySpec, assets: StudyAssets, attention: str | None = None
 ) -> PreTrainedModel:
     """The study's teacher: the fine-tuned copy in the cache (safetensors only, as written
-    there by kdsearch), else the spec's model."""
-    fine_tuned = spec.teacher.finetune is not None
-    return load_model(
-        teacher_ref(spec, assets),
-        "teacher",
-        assets.num_labels,
-        attention,
-        safetensors_only=fine_tuned,
-    )
+    there by kdsearch), else the spec's model. Read once per process and shared: the
+    teacher is only ever run in eval mode without gradients (stage 1's targets)."""
+    ref = teacher_ref(spec, assets)
+    key = (ref, attention, assets.num_labels)
+    if key not in _TEACHERS:
+        fine_tuned = spec.teacher.finetune is not None
+        _TEACHERS[key] = load_model(
+            ref, "teacher", assets.num_labels, attention, safetensors_only=fine_tuned
+        ).eval()
+    return _TEACHERS[key]
 
 
 def run_stage1(
@@ -377,6 +383,7 @@ def run_stage1(
     settings: Stage1Spec,
     device: torch.device,
     seed: int,
+    dtype: torch.dtype | None = None,
 ) -> list[float]:
     """TinyBERT stage 1 on ``student`` (in place, loaded with ``SCORES_ATTENTION``)
     against the study's teacher, on the augmented train file when there is one; returns
@@ -396,6 +403,8 @@ def run_stage1(
         epochs=settings.epochs,
         weight_decay=settings.weight_decay,
         schedule="constant",
+        optimizer=spec.training.optimizer,
+        dtype=dtype,
     )
     inputs = assets.teacher_inputs
     data = inputs.train_augmented or inputs.train
@@ -406,7 +415,11 @@ def run_stage1(
 
 
 def _prepare_stage1_student(
-    spec: StudySpec, assets: StudyAssets, cache: AssetCache, device: torch.device
+    spec: StudySpec,
+    assets: StudyAssets,
+    cache: AssetCache,
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> Path:
     """The study's stage-1 student, distilled once (fixed stage-1 settings) and shared."""
     assert spec.stage1 is not None
@@ -427,7 +440,7 @@ def _prepare_stage1_student(
             spec.seed,
             attention=SCORES_ATTENTION,
         )
-        run_stage1(spec, assets, student, spec.stage1, device, spec.seed)  # type: ignore[arg-type]
+        run_stage1(spec, assets, student, spec.stage1, device, spec.seed, dtype)  # type: ignore[arg-type]
         student.save_pretrained(tmp)
 
     return cache.folder(f"stage1-{key}", "the stage-1 student", build)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def configure(device: torch.device, threads: int | None = None) -> None:
@@ -20,12 +23,42 @@ def configure(device: torch.device, threads: int | None = None) -> None:
         torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast on GPUs that support it; full precision elsewhere (CPU bf16 is slower
-    than fp32 on most CPUs, and the results must match the CPU tests)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def bf16_hardware(device: torch.device) -> str | None:
+    """What runs bf16 matmuls natively here (a GPU, AMX, AVX512-BF16), or None: without
+    it, bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training and of the evaluations during it (None: fp32).
+    ``auto`` picks bf16 where the hardware runs it natively, fp32 elsewhere. The teacher's
+    logits, its fine-tuning and every trial's final scoring stay in fp32 whatever the
+    choice (docs/benchmarks.md measures how far bf16 training moves sigma)."""
+    hardware = bf16_hardware(device)
+    if precision == "fp32" or (precision == "auto" and hardware is None):
+        choice = None
+    else:
+        choice = torch.bfloat16
+    logger.info(
+        "precision %s on %s: %s (bf16 hardware: %s)",
+        precision, device, "bf16 autocast" if choice else "fp32", hardware or "none",
+    )  # fmt: skip
+    return choice
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[None]:
+    """Autocast to ``dtype`` (None: full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from kdsearch.service.report import chosen
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import baseline_accuracy, load_stored_spec, study_artifacts
 from kdsearch.workers.assets import open_asset_cache, prepare_assets, student_tokenizer_ref
-from kdsearch.workers.device import pick_device
+from kdsearch.workers.device import pick_device, training_dtype
 from kdsearch.workers.models import load_tokenizer
 from kdsearch.workers.trial import build_trial
 
@@ -75,13 +75,15 @@ def export_student(
     device = pick_device(device_name)
     location = study_artifacts(storage, spec.name, artifacts)
     cache = open_asset_cache(location, resolve_cache_dir(location, cache_dir), storage)
-    assets = prepare_assets(spec, cache, device)
+    assets = prepare_assets(spec, cache, device, training_dtype(spec.training.precision, device))
     logger.info("re-training trial %d of %s to export its student", trial.number, spec.name)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # Trained as the trial was: its seed, and its precision (bf16 only where it ran in it).
+    dtype = torch.bfloat16 if trial.precision == "bf16" else None
     job = build_trial(
         spec, assets, trial.params, device,
         baseline_accuracy=baseline_accuracy(done),
-        is_baseline=trial.baseline and trial.replicate == 0, seed=trial.seed,
+        is_baseline=trial.baseline and trial.replicate == 0, seed=trial.seed, dtype=dtype,
     )  # fmt: skip
     result = job.run(keep_student=True)
     try:

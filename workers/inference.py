@@ -24,10 +24,11 @@ def predict_logits(
     device: torch.device,
     pad_id: int,
     label: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Logits (N, C) in the split's order. Rows are batched by length (less padding)
-    and put back in place. With ``label``, progress is reported (long passes: the
-    teacher over a full GLUE train split)."""
+    """Logits (N, C), float32, in the split's order. Rows are batched by length (less
+    padding) and put back in place. ``dtype``: autocast (None: fp32). With ``label``,
+    progress is reported (long passes: the teacher over a full GLUE train split)."""
     model.to(device).eval()
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     out = torch.empty((len(data), model.config.num_labels), dtype=torch.float32)
@@ -37,7 +38,7 @@ def predict_logits(
         for start in starts:
             index = order[start : start + batch_size]
             batch = to_device(collate(data, index, pad_id), device)
-            with autocast(device):
+            with autocast(device, dtype):
                 out[index] = model(**batch).logits.float().cpu()
             if progress is not None:
                 progress.advance()

@@ -71,7 +71,9 @@ def confidence_stats(
         nan = float("nan")
         return ConfidenceStats(nan, [nan] * n_classes, nan, nan, nan, 0, len(labels))
     deltas = teacher_probs[keep] - student_probs[keep]  # (K, C)
-    per_class = np.std(deltas, axis=0)  # (C,), ddof=0 as np.std in the authors' metrics.py
+    # (C,), ddof=0 as np.std in the authors' metrics.py; column by column, so that the
+    # objective below is bit for bit one of these
+    per_class = np.array([np.std(deltas[:, c]) for c in range(n_classes)])
     # Two classes: the paper's p0 value, exactly; more: the worst-preserved class.
     worst = 0 if n_classes == 2 else int(np.argmax(per_class))
     delta = deltas[:, worst]  # (K,)

@@ -8,6 +8,7 @@ as BERT. Every failure to load becomes one ``KdsearchError`` naming the model.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -76,16 +77,21 @@ def load_model(
     num_labels: int,
     attention: str | None = None,
     safetensors_only: bool = False,
+    output_loading_info: bool = False,
     **overrides: Any,
-) -> PreTrainedModel:
+) -> Any:
     """A sequence classifier with ``num_labels`` outputs (a new head when the checkpoint's
     differs). ``attention``: the attention implementation (stage 1 needs the raw scores);
-    ``safetensors_only``: refuse pickled weights (kdsearch's own shared cache)."""
+    ``safetensors_only``: refuse pickled weights (kdsearch's own shared cache);
+    ``output_loading_info``: (model, what was missing from the checkpoint), as
+    transformers gives it."""
     location = resolve_model_ref(ref)
     config = load_config(ref, what, num_labels=num_labels, **overrides)
     extra: dict[str, Any] = {"attn_implementation": attention} if attention else {}
     if safetensors_only:
         extra["use_safetensors"] = True
+    if output_loading_info:
+        extra["output_loading_info"] = True
     try:
         return AutoModelForSequenceClassification.from_pretrained(location, config=config, **extra)
     except Exception as exc:  # missing, truncated or corrupted weights; no network
@@ -115,6 +121,33 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         ) from None
 
 
+# Initial students (and stage-1 teachers) already read in this process: a trial copies
+# one instead of reading the checkpoint again (a worker runs many trials of one study).
+_LOADED: dict[tuple[Any, ...], tuple[PreTrainedModel, tuple[str, ...]]] = {}
+
+
+def forget_loaded() -> None:
+    """Drop the models read so far in this process (the next load reads from disk)."""
+    _LOADED.clear()
+
+
+def _load_once(key: tuple[Any, ...], seed: int, *args: Any, **kwargs: Any) -> Any:
+    """``load_model(*args, **kwargs)``, read from disk the first time only; returns a
+    fresh copy whose newly initialised modules (missing from the checkpoint: a new
+    classifier head) are drawn from ``seed``: the same weights on every call, first or
+    not, in every process."""
+    if key not in _LOADED:
+        model, info = load_model(*args, output_loading_info=True, **kwargs)
+        fresh = {k.rsplit(".", 1)[0] for k in info["missing_keys"]}
+        _LOADED[key] = (model, tuple(sorted(fresh)))
+    base, fresh = _LOADED[key]
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    for name in fresh:
+        model.get_submodule(name).apply(model._init_weights)
+    return model
+
+
 def load_student(
     student: StudentSpec,
     teacher_ref: str,
@@ -123,16 +156,14 @@ def load_student(
     attention: str | None = None,
     layers: int | None = None,
 ) -> PreTrainedModel:
-    """A fresh student. Its new classifier head is initialised from ``seed``, so the same
-    trial starts from the same weights. With ``teacher_layers`` (or ``layers``, a depth
-    searched per trial) it is the first layers of the teacher's pretrained checkpoint."""
-    torch.manual_seed(seed)
+    """A fresh student. Its new weights (a new classifier head) are drawn from ``seed``,
+    so the same trial starts from the same weights. With ``teacher_layers`` (or
+    ``layers``, a depth searched per trial) it is the first layers of the teacher's
+    checkpoint (``teacher_ref``). The checkpoint is read once per process."""
     depth = layers or student.teacher_layers
-    if depth is not None:
-        # from_pretrained keeps the checkpoint's first k layers and drops the rest; the
-        # study's own fine-tuned teacher is read from its cache as safetensors only.
-        own = student.layers_from == "finetuned"
-        return load_model(
-            teacher_ref, "student", num_labels, attention, own, num_hidden_layers=depth
-        )
-    return load_model(student.model or "", "student", num_labels, attention)
+    own = depth is not None and student.layers_from == "finetuned"
+    ref = teacher_ref if depth is not None else student.model or ""
+    extra = {"num_hidden_layers": depth} if depth is not None else {}
+    key = (ref, depth, num_labels, attention, own)
+    # the study's own fine-tuned teacher is read from its cache as safetensors only
+    return _load_once(key, seed, ref, "student", num_labels, attention, own, **extra)

@@ -1,6 +1,6 @@
 """Per-trial figures, saved as PNG and uploaded as trial artifacts (optuna-dashboard
 shows them): the confidence-difference histogram, the teacher-vs-student confidence
-scatter and the reliability diagrams of both models."""
+scatter, the reliability diagrams of both models and the probe curve."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
 import numpy as np
 
+from kdsearch.service.record import ProbePoint
 from kdsearch.workers.metrics import both_correct, calibration_bins, kept_deltas
 
 
@@ -23,9 +24,15 @@ def delta_histogram(
     sigma: float,
     sigma_max: float,
     path: Path,
+    class_names: tuple[str, ...] | None = None,
 ) -> None:
     """delta = p0_T - p0_S over the inputs both models get right, with the trial's
-    ``sigma`` (computed from the same deltas) and kappa marked."""
+    ``sigma`` (computed from the same deltas) and kappa marked. With more than two
+    classes: one histogram of p_c differences per class, each with its sigma (the
+    objective is the largest)."""
+    if teacher.shape[1] > 2:
+        _per_class_histogram(teacher, student, labels, sigma, sigma_max, path, class_names)
+        return
     delta = kept_deltas(teacher, student, labels)  # (K,)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(delta, bins=60, color="#4c72b0")
@@ -47,6 +54,33 @@ def delta_histogram(
     ax.set_ylabel("inputs")
     ax.set_title(f"sigma = {sigma:.4f} (kappa = {sigma_max}), n = {delta.size}")
     ax.legend()
+    _save(fig, path)
+
+
+def _per_class_histogram(
+    teacher: np.ndarray,
+    student: np.ndarray,
+    labels: np.ndarray,
+    sigma: float,
+    sigma_max: float,
+    path: Path,
+    class_names: tuple[str, ...] | None,
+) -> None:
+    keep = both_correct(teacher, student, labels)
+    deltas = np.asarray(teacher, np.float64)[keep] - np.asarray(student, np.float64)[keep]
+    names = class_names or tuple(f"class {c}" for c in range(deltas.shape[1]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, name in enumerate(names):  # deltas: (K, C)
+        ax.hist(deltas[:, c], bins=40, alpha=0.5,
+                label=f"p({name}): sigma {np.std(deltas[:, c]):.4f}")  # fmt: skip
+    ax.set_xlabel("delta = p_c teacher - p_c student (both correct)")
+    ax.set_ylabel("inputs")
+    ax.set_title(
+        f"sigma = {sigma:.4f}, the largest of the classes' (kappa = {sigma_max}), "
+        f"n = {deltas.shape[0]}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
@@ -83,6 +117,27 @@ def reliability_diagram(
     ax.set_ylabel("accuracy")
     ax.set_title("reliability diagram")
     ax.legend()
+    _save(fig, path)
+
+
+def probe_curve(
+    probes: list[ProbePoint], sigma_max: float, accuracy_drop_max: float, path: Path
+) -> None:
+    """The trial's probes: sigma (on the probe rows of train) and the accuracy drop (dev)
+    against epochs, each with its threshold: what the pruner saw."""
+    epochs = [p.epoch for p in probes]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    top.plot(epochs, [p.sigma for p in probes], marker="o", color="#4c72b0", label="sigma")
+    top.axhline(sigma_max, color="#c44e52", ls="--", label=f"kappa = {sigma_max}")
+    top.set_ylabel("sigma (probe rows)")
+    top.legend()
+    drops = [p.accuracy_drop for p in probes]
+    bottom.plot(epochs, drops, marker="o", color="#dd8452", label="accuracy drop")
+    bottom.axhline(accuracy_drop_max, color="#c44e52", ls="--", label=f"max = {accuracy_drop_max}")
+    bottom.set_xlabel("epochs of training")
+    bottom.set_ylabel("accuracy drop (dev)")
+    bottom.legend()
+    top.set_title("probes during training")
     _save(fig, path)
 
 

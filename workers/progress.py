@@ -7,13 +7,28 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
 
+# The training running in this process (one at a time): the heartbeat thread publishes
+# its progress to the study, for ``kdsearch status --watch``.
+_ACTIVE: Progress | None = None
+
+
+def snapshot() -> dict[str, Any] | None:
+    """Where the running training is: ``{label, step, total, elapsed_s}``, or None."""
+    active = _ACTIVE
+    if active is None:
+        return None
+    elapsed = round(time.monotonic() - active.start, 1)
+    return {"label": active.label, "step": active.step, "total": active.total, "elapsed_s": elapsed}
+
+
 class Progress:
     def __init__(self, total_steps: int, label: str, stream: IO[str] | None = None) -> None:
+        global _ACTIVE
         self.total = total_steps
         self.label = label
         self.stream = stream or sys.stderr
@@ -27,6 +42,7 @@ class Progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, desc=label, file=self.stream, leave=False)
+        _ACTIVE = self
 
     def due(self) -> bool:
         """Whether the next ``advance`` reports (so the caller reads the loss only then)."""
@@ -55,5 +71,8 @@ class Progress:
         )  # fmt: skip
 
     def close(self) -> None:
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
         if self._bar is not None:
             self._bar.close()

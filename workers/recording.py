@@ -20,6 +20,7 @@ from optuna.artifacts import upload_artifact
 
 from kdsearch.service.errors import InfrastructureError, first_line
 from kdsearch.service.record import (
+    DEGENERATE,
     ProbePoint,
     StudyAttr,
     TrialAttr,
@@ -31,6 +32,7 @@ from kdsearch.service.storage import study_lock
 from kdsearch.workers import plots
 from kdsearch.workers.assets import StudyAssets
 from kdsearch.workers.predictions import write_predictions
+from kdsearch.workers.tracking import TrialTracking
 from kdsearch.workers.trial import TrialResult
 
 logger = logging.getLogger(__name__)
@@ -85,11 +87,14 @@ class Recorder:
 
         self.teacher_artifacts = self.db(publish, "recording the teacher's predictions")
 
-    def started(self, trial: optuna.Trial, hparams: Hyperparameters, device: str) -> None:
+    def started(
+        self, trial: optuna.Trial, hparams: Hyperparameters, device: str, precision: str
+    ) -> None:
         attrs = {
             TrialAttr.WORKER_HOST: socket.gethostname(),
             TrialAttr.WORKER_PID: os.getpid(),
             TrialAttr.DEVICE: device,
+            TrialAttr.PRECISION: precision,
             TrialAttr.HYPERPARAMETERS: hparams.model_dump(),
         }
         self._set(trial, attrs, "recording the trial")
@@ -101,25 +106,45 @@ class Recorder:
     def pruned(self, trial: optuna.Trial, rule: str) -> None:
         self._set(trial, {TrialAttr.PRUNED_BY: rule}, "recording pruning")
 
+    def degenerate(self, trial: optuna.Trial, result: TrialResult) -> None:
+        """A student that gets no train input right with the teacher: its figures (sigma
+        NaN, the accuracies as measured) and why it ends PRUNED."""
+        attrs = {**result.outcome.attrs(), TrialAttr.PRUNED_BY: DEGENERATE}
+        self._set(trial, attrs, "recording results")
+
     def failed(self, trial: optuna.Trial, error: str, kind: str) -> None:
         self._set(trial, {TrialAttr.ERROR: error, TrialAttr.FAILURE: kind}, "recording the error")
 
-    def finished(self, trial: optuna.Trial, result: TrialResult) -> None:
+    def finished(
+        self,
+        trial: optuna.Trial,
+        result: TrialResult,
+        probes: list[ProbePoint],
+        tracking: TrialTracking | None = None,
+    ) -> None:
         """The outcome's figures, then the student's prediction files and the figures as
         trial artifacts; the ``artifacts`` attr also names the teacher's files (study
         artifacts), so any trial can be scored again (``pred,p0,p1,label``, rows in the
-        split's order)."""
+        split's order). ``tracking`` gets the outcome and the figures too."""
         self._set(trial, result.outcome.attrs(), "recording results")
         artifact_ids = dict(self.teacher_artifacts)
         with tempfile.TemporaryDirectory() as tmp:
-            for name, path in self._files(Path(tmp), result).items():
+            files = self._files(Path(tmp), result, probes)
+            for name, path in files.items():
                 artifact_ids[name] = self._upload(path, trial)
+            if tracking is not None:
+                plots = {k: v for k, v in files.items() if k.endswith(".png")}
+                tracking.finish("COMPLETE", result.outcome, plots)
         self._set(trial, {TrialAttr.ARTIFACTS: artifact_ids}, "recording artifacts")
+
+    def tracked(self, trial: optuna.Trial, ids: dict[str, str]) -> None:
+        if ids:
+            self._set(trial, {TrialAttr.TRACKING: ids}, "recording the tracking runs")
 
     def _set(self, trial: optuna.Trial, attrs: dict[str, Any], what: str) -> None:
         self.db(lambda: set_trial_attrs(self.storage, trial._trial_id, attrs), what)
 
-    def _files(self, tmp: Path, result: TrialResult) -> dict[str, Path]:
+    def _files(self, tmp: Path, result: TrialResult, probes: list[ProbePoint]) -> dict[str, Path]:
         assets, sigma_max = self.assets, self.spec.thresholds.sigma_max
         paths = {name: tmp / name for name in ("student_train.csv", "student_dev.csv")}
         write_predictions(
@@ -131,7 +156,7 @@ class Recorder:
         labels = assets.labels_train
         figures: dict[str, Callable[[Path], None]] = {
             "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
-                teacher, student, labels, result.sigma, sigma_max, p
+                teacher, student, labels, result.sigma, sigma_max, p, assets.label_names
             ),
             "confidence_scatter.png": lambda p: plots.confidence_scatter(
                 teacher, student, labels, p
@@ -140,6 +165,11 @@ class Recorder:
                 teacher, student, labels, p
             ),
         }
+        if probes:
+            limits = self.spec.thresholds
+            figures["probe_curve.png"] = lambda p: plots.probe_curve(
+                probes, limits.sigma_max, limits.accuracy_drop_max, p
+            )
         for name, draw in figures.items():
             paths[name] = tmp / name
             draw(paths[name])

@@ -73,6 +73,8 @@ class LoopSettings:
     ends), once per step."""
     optimizer: OptimizerName = "adamw"
     """``adamw``: torch's fused AdamW; ``bertadam``: TinyBERT's BertAdam (``BertAdam``)."""
+    dtype: torch.dtype | None = None
+    """Autocast dtype of the forward passes (None: fp32); losses are fp32 whatever it is."""
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, object]]:
@@ -243,7 +245,7 @@ def fit(
             batches = length_grouped_batches(lengths, settings.batch_size, generator)
             for in_epoch, index in enumerate(batches, start=1):
                 batch = to_device(collate(data, index, pad_id), device)
-                with autocast(device):
+                with autocast(device, settings.dtype):
                     loss = objective(model, batch, index)
                 loss.backward()
                 optimizer.step()

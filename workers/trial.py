@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class DistillationTrial:
         depth: int | None = None,
         baseline_accuracy: float | None = None,
         is_baseline: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """``stage1``: run stage 1 in this trial with these settings; otherwise the trial
         starts from the study's shared stage-1 student when it has one
@@ -111,6 +113,7 @@ class DistillationTrial:
         self.on_probe = on_probe
         self.stage1 = stage1
         self.depth = depth
+        self.dtype = dtype  # training and evaluations during it; final scoring is fp32
         self.baseline_accuracy = baseline_accuracy
         self.is_baseline = is_baseline
         # None: the baseline measured against itself (known once it is scored).
@@ -156,7 +159,7 @@ class DistillationTrial:
         )
         if self.stage1 is not None:
             self.stage1_losses = run_stage1(
-                spec, assets, self.student, self.stage1, self.device, self.seed
+                spec, assets, self.student, self.stage1, self.device, self.seed, self.dtype
             )
 
     # --- train -----------------------------------------------------------------------
@@ -172,11 +175,21 @@ class DistillationTrial:
             warmup_proportion=h.warmup_proportion,
             eval_every_steps=tuple(sorted({p for p in periods if p})),
             optimizer=training.optimizer,
+            dtype=self.dtype,
         )
+
+    @property
+    def training_data(self) -> Any:
+        """What stage 2 trains on: the augmented train split when the spec has one."""
+        return self.inputs.train_augmented or self.inputs.train
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.training_data) / self.hparams.batch_size)
 
     def train(self) -> list[float]:
         assert self.student is not None, "call setup() first"
-        data = self.inputs.train_augmented or self.inputs.train
+        data = self.training_data
         objective = LogitDistillation(self.assets.distill_targets, self.hparams.temperature)
         torch.manual_seed(self.seed)  # dropout masks: the same on every path and process
         return fit(
@@ -193,10 +206,13 @@ class DistillationTrial:
 
     # --- evaluate --------------------------------------------------------------------
 
-    def _logits(self, data: Any) -> torch.Tensor:
+    def _logits(self, data: Any, scoring: bool = False) -> torch.Tensor:
+        """The student's logits on ``data``: in fp32 for the final scoring, else at the
+        training precision."""
         assert self.student is not None
         batch, pad = self.spec.eval_batch_size, self.inputs.pad_id
-        return predict_logits(self.student, data, batch, self.device, pad)
+        dtype = None if scoring else self.dtype
+        return predict_logits(self.student, data, batch, self.device, pad, dtype=dtype)
 
     def evaluate_at(self, epoch: float) -> None:
         """One evaluation after ``epoch`` epochs of training: dev for the drop and the
@@ -206,8 +222,9 @@ class DistillationTrial:
         selecting = self.spec.training.selection == "best_dev"
         if not (final or selecting or self.on_probe is not None):
             return  # nobody reads this evaluation (export re-trains with selection: last)
-        dev_logits = self._logits(self.inputs.dev)
-        train_logits = self._logits(self.inputs.train) if final else None
+        # The last evaluation is the final scoring: fp32, and the whole train split.
+        dev_logits = self._logits(self.inputs.dev, scoring=final)
+        train_logits = self._logits(self.inputs.train, scoring=True) if final else None
         probe_logits = train_logits[self.probe_index] if final else self._logits(self.probe_data)
         dev_probs = probabilities(dev_logits)
         labels_dev = self.assets.labels_dev
@@ -250,11 +267,14 @@ class DistillationTrial:
         if best is not None and best is not last:
             assert best.state is not None
             self.student.load_state_dict(best.state)
-            return self._logits(self.inputs.train), best.dev_logits, best.epoch
+            # Its dev logits from the evaluation are reused unless they were bf16 ones.
+            dev = best.dev_logits if self.dtype is None else self._logits(self.inputs.dev, True)
+            return self._logits(self.inputs.train, scoring=True), dev, best.epoch
         selected = best.epoch if best is not None else None
         if last is not None and last.train_logits is not None:
             return last.train_logits, last.dev_logits, selected
-        return self._logits(self.inputs.train), self._logits(self.inputs.dev), selected
+        train = self._logits(self.inputs.train, scoring=True)
+        return train, self._logits(self.inputs.dev, scoring=True), selected
 
     # --- cleanup ---------------------------------------------------------------------
 
@@ -306,6 +326,7 @@ def build_trial(
     baseline_accuracy: float | None = None,
     is_baseline: bool = False,
     seed: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> DistillationTrial:
     """The trial for ``params`` (the searched values; the rest from the spec), trained
     with ``seed`` (a replicate's; default the study's). ``baseline_accuracy``: the
@@ -321,6 +342,7 @@ def build_trial(
         depth=trial_depth(spec, params),
         baseline_accuracy=baseline_accuracy,
         is_baseline=is_baseline,
+        dtype=dtype,
     )
 
 

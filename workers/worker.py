@@ -62,9 +62,10 @@ from kdsearch.service.study import (
 )
 from kdsearch.workers.assets import StudyAssets, open_asset_cache, prepare_assets
 from kdsearch.workers.device import configure as configure_device
-from kdsearch.workers.device import pick_device
+from kdsearch.workers.device import pick_device, training_dtype
 from kdsearch.workers.liveness import GracefulStop, Heartbeat, StopRequested
 from kdsearch.workers.recording import Recorder
+from kdsearch.workers.tracking import Tracking, TrialTracking
 from kdsearch.workers.trial import build_trial
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,15 @@ class WorkerOptions:
     threads: int | None = None
     max_trials: int | None = None
     storage_timeout_s: float = 600.0
+    sampler_seed: int | None = None
+    """None: derived from the study's seed, the host and the pid (workers never replay
+    each other's samples); a number makes one worker's search reproducible."""
+    precision: str | None = None
+    """auto, fp32 or bf16 for this worker; None: the study's ``training.precision``."""
+    mlflow: str | None = None
+    """An MLflow tracking URI for this worker; None: the study's ``tracking.mlflow``."""
+    tensorboard: str | None = None
+    """A TensorBoard log folder for this worker; None: the study's ``tracking.tensorboard``."""
 
 
 class Worker:
@@ -119,10 +129,14 @@ class Worker:
         self.study = optuna.load_study(
             study_name=spec.name,
             storage=self.storage,
-            sampler=build_sampler(spec, worker_seed(spec)),
+            sampler=build_sampler(
+                spec,
+                worker_seed(spec) if options.sampler_seed is None else options.sampler_seed,
+            ),
         )
         self.device = pick_device(options.device)
         configure_device(self.device, options.threads)
+        self.dtype = training_dtype(options.precision or spec.training.precision, self.device)
         location = study_artifacts(self.storage, spec.name, options.artifacts, worker=True)
         shared = S3Bucket(location) if location.is_s3 else None
         artifact_store = open_artifact_store(location, shared)
@@ -131,11 +145,21 @@ class Worker:
         )
         record_artifact_location(self.storage, spec.name, location)  # reachable: recorded
         with self.stop.interruptible():  # fine-tuning a teacher, stage 1: can take long
-            self.assets: StudyAssets = prepare_assets(spec, cache, self.device)
+            self.assets: StudyAssets = prepare_assets(spec, cache, self.device, self.dtype)
         self.recorder = Recorder(
             self.study, self.storage, spec, self.assets, artifact_store, str(location), self._db
         )
         self.recorder.upload_teacher_predictions()
+        self.tracking = self._db(
+            lambda: Tracking(
+                spec,
+                self.study,
+                self.storage,
+                options.mlflow or spec.tracking.mlflow,
+                options.tensorboard or spec.tracking.tensorboard,
+            ),
+            "opening the tracking destinations",
+        )
 
     def run(self) -> int:
         """Run trials until the budget is reached (or ``max_trials``). Returns 0; problems
@@ -208,9 +232,25 @@ class Worker:
 
     def _run_trial(self, trial: optuna.Trial) -> bool:
         """Run one trial and map its outcome to a state. True unless it FAILed."""
+        self._tracking: TrialTracking | None = None
+        ended = "FAIL"  # the tracking runs' end state unless the trial gets further
+        try:
+            ok = self._run_and_record(trial)
+            ended = "" if ok else "FAIL"
+            return ok
+        except optuna.TrialPruned:
+            ended = "PRUNED"
+            self._finish(trial, state=TrialState.PRUNED)
+            return True
+        finally:
+            if self._tracking is not None and ended:
+                self._tracking.finish(ended)
+
+    def _run_and_record(self, trial: optuna.Trial) -> bool:
         spec = self.spec
         history: list[ProbePoint] = []
-        with Heartbeat(self.study, trial._trial_id, spec.reliability.heartbeat_interval_s):
+        interval = spec.reliability.heartbeat_interval_s
+        with Heartbeat(self.study, trial._trial_id, interval, self.storage):
             try:
                 frozen = self._db(lambda: self.storage.get_trial(trial._trial_id), "reading it")
                 record = TrialRecord.of(frozen)
@@ -226,19 +266,30 @@ class Worker:
                     baseline_accuracy=self._baseline_accuracy(),
                     is_baseline=record.baseline and record.replicate == 0,
                     seed=record.seed,
+                    dtype=self.dtype,
                 )
-                self.recorder.started(trial, job.hparams, str(self.device))
+                precision = "bf16" if self.dtype is not None else "fp32"
+                self.recorder.started(trial, job.hparams, str(self.device), precision)
+                if self.tracking.enabled:
+                    self._tracking = self.tracking.start(
+                        trial.number, job.hparams, record.tags(), job.steps_per_epoch
+                    )
+                    self.recorder.tracked(trial, self._tracking.ids())
                 logger.info("trial %d: %s", trial.number, job.hparams.model_dump())
                 with self.stop.interruptible():
                     result = job.run()
                 if math.isnan(result.sigma):
-                    raise ValueError("no train input is predicted right by both models")
+                    # Deterministic for this configuration and seed: a retry would repeat
+                    # it, and a failure would count towards halting the study.
+                    self.recorder.degenerate(trial, result)
+                    raise optuna.TrialPruned(
+                        "no train input is predicted right by both models: sigma is undefined"
+                    )
                 fault_point("before-record")
-                self.recorder.finished(trial, result)
+                self.recorder.finished(trial, result, history, self._tracking)
             except optuna.TrialPruned as pruned:
                 logger.info("trial %d pruned: %s", trial.number, pruned)
-                self._finish(trial, state=TrialState.PRUNED)
-                return True
+                raise  # recorded by _run_trial, outside the heartbeat
             except StopRequested:
                 self._deadline = time.monotonic() + STOP_STORAGE_S
                 try:
@@ -278,6 +329,8 @@ class Worker:
         stop the trial."""
         history.append(point)
         self.recorder.probed(trial, history)
+        if self._tracking is not None:
+            self._tracking.probe(point)
         if protected:
             return
         finished: list[list[ProbePoint]] = []
