@@ -9,7 +9,8 @@ Baselines (the strongest fair versions of what users run today):
    inference (no_grad, batch 128) on train and dev.
 2. **Hugging Face Trainer**: a ``Trainer`` subclass whose ``compute_loss`` runs the teacher
    and the soft cross-entropy, ``DataCollatorWithPadding`` (dynamic padding),
-   ``group_by_length=True``, eval batch 128, ``trainer.predict`` on train and dev; with
+   ``train_sampling_strategy="group_by_length"`` (transformers 5's ``group_by_length``), eval
+   batch 128, ``trainer.predict`` on train and dev; with
    the library's defaults (fp32 on CPU), and again with ``bf16=True`` (the strongest
    version: the same hardware feature kdsearch uses).
 
@@ -176,12 +177,22 @@ def trainer_run(
             return (loss, outputs) if return_outputs else loss
 
     args = TrainingArguments(
-        output_dir=str(workdir), per_device_train_batch_size=HP["batch_size"],
-        per_device_eval_batch_size=128, num_train_epochs=HP["epochs"],
-        learning_rate=HP["learning_rate"], weight_decay=1e-4, warmup_ratio=0.1,
-        group_by_length=True, bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
-        logging_strategy="no", seed=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(workdir),
+        per_device_train_batch_size=HP["batch_size"],
+        per_device_eval_batch_size=128,
+        num_train_epochs=HP["epochs"],
+        learning_rate=HP["learning_rate"],
+        weight_decay=1e-4,
+        warmup_steps=0.1,  # a ratio below 1 (transformers 5)
+        train_sampling_strategy="group_by_length",  # transformers 5's group_by_length
+        bf16=bf16,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
     trainer = DistillationTrainer(
         model=student, args=args, train_dataset=dataset(train),
         data_collator=DataCollatorWithPadding(tokenizer),

@@ -29,8 +29,8 @@ from kdsearch.service.record import (
 )
 from kdsearch.service.spec import Hyperparameters, StudySpec
 from kdsearch.service.storage import study_lock
-from kdsearch.workers import plots
 from kdsearch.workers.assets import StudyAssets
+from kdsearch.workers.figures import FigurePool, Job, draw
 from kdsearch.workers.predictions import write_predictions
 from kdsearch.workers.tracking import TrialTracking
 from kdsearch.workers.trial import TrialResult
@@ -52,7 +52,9 @@ class Recorder:
         artifact_store: Any,
         location: str,
         db: Db,
+        figures: FigurePool | None = None,
     ) -> None:
+        """``figures``: the processes that draw the trial figures (None: drawn here)."""
         self.study = study
         self.storage = storage
         self.spec = spec
@@ -60,6 +62,7 @@ class Recorder:
         self.artifact_store = artifact_store
         self.location = location
         self.db = db
+        self.figures = figures
         self.teacher_artifacts: dict[str, str] = {}
 
     def upload_teacher_predictions(self) -> None:
@@ -126,15 +129,25 @@ class Recorder:
         trial artifacts; the ``artifacts`` attr also names the teacher's files (study
         artifacts), so any trial can be scored again (``pred,p0,p1,label``, rows in the
         split's order). ``tracking`` gets the outcome and the figures too."""
-        self._set(trial, result.outcome.attrs(), "recording results")
         artifact_ids = dict(self.teacher_artifacts)
         with tempfile.TemporaryDirectory() as tmp:
-            files = self._files(Path(tmp), result, probes)
-            for name, path in files.items():
+            # The figures (the largest part of recording a trial) are drawn by the figure
+            # processes while this one writes to the database and the store.
+            jobs = self._figure_jobs(Path(tmp), result, probes)
+            pending = self.figures.submit(jobs) if self.figures else dict.fromkeys(jobs)
+            self._set(trial, result.outcome.attrs(), "recording results")
+            for name, path in self._predictions(Path(tmp), result).items():
+                artifact_ids[name] = self._upload(path, trial)
+            if self.figures:
+                self.figures.wait(jobs, pending)
+            else:
+                for job in jobs.values():
+                    draw(*job)
+            figures = {name: Path(tmp) / name for name in jobs}
+            for name, path in figures.items():
                 artifact_ids[name] = self._upload(path, trial)
             if tracking is not None:
-                plots = {k: v for k, v in files.items() if k.endswith(".png")}
-                tracking.finish("COMPLETE", result.outcome, plots)
+                tracking.finish("COMPLETE", result.outcome, figures)
         self._set(trial, {TrialAttr.ARTIFACTS: artifact_ids}, "recording artifacts")
 
     def tracked(self, trial: optuna.Trial, ids: dict[str, str]) -> None:
@@ -144,36 +157,44 @@ class Recorder:
     def _set(self, trial: optuna.Trial, attrs: dict[str, Any], what: str) -> None:
         self.db(lambda: set_trial_attrs(self.storage, trial._trial_id, attrs), what)
 
-    def _files(self, tmp: Path, result: TrialResult, probes: list[ProbePoint]) -> dict[str, Path]:
-        assets, sigma_max = self.assets, self.spec.thresholds.sigma_max
+    def _predictions(self, tmp: Path, result: TrialResult) -> dict[str, Path]:
+        """The student's prediction files, in the paper's CSV format."""
+        assets = self.assets
         paths = {name: tmp / name for name in ("student_train.csv", "student_dev.csv")}
         write_predictions(
             paths["student_train.csv"], result.student_probs_train, assets.labels_train
         )
         write_predictions(paths["student_dev.csv"], result.student_probs_dev, assets.labels_dev)
+        return paths
+
+    def _figure_jobs(
+        self, tmp: Path, result: TrialResult, probes: list[ProbePoint]
+    ) -> dict[str, Job]:
+        """The trial's figures to draw, by file name (``workers/plots.py``)."""
+        assets, limits = self.assets, self.spec.thresholds
         # Figures on the train split, where sigma is defined.
-        teacher, student = assets.teacher_probs_train, result.student_probs_train
-        labels = assets.labels_train
-        figures: dict[str, Callable[[Path], None]] = {
-            "confidence_delta_histogram.png": lambda p: plots.delta_histogram(
-                teacher, student, labels, result.sigma, sigma_max, p, assets.label_names
+        train = (assets.teacher_probs_train, result.student_probs_train, assets.labels_train)
+        histogram = "confidence_delta_histogram.png"
+        jobs: dict[str, Job] = {
+            histogram: (
+                "delta_histogram",
+                (*train, result.sigma, limits.sigma_max, tmp / histogram, assets.label_names),
             ),
-            "confidence_scatter.png": lambda p: plots.confidence_scatter(
-                teacher, student, labels, p
+            "confidence_scatter.png": (
+                "confidence_scatter",
+                (*train, tmp / "confidence_scatter.png"),
             ),
-            "reliability_diagram.png": lambda p: plots.reliability_diagram(
-                teacher, student, labels, p
+            "reliability_diagram.png": (
+                "reliability_diagram",
+                (*train, tmp / "reliability_diagram.png"),
             ),
         }
         if probes:
-            limits = self.spec.thresholds
-            figures["probe_curve.png"] = lambda p: plots.probe_curve(
-                probes, limits.sigma_max, limits.accuracy_drop_max, p
+            jobs["probe_curve.png"] = (
+                "probe_curve",
+                (probes, limits.sigma_max, limits.accuracy_drop_max, tmp / "probe_curve.png"),
             )
-        for name, draw in figures.items():
-            paths[name] = tmp / name
-            draw(paths[name])
-        return paths
+        return jobs
 
     def _upload(self, path: Path, owner: optuna.Study | optuna.Trial) -> str:
         def upload() -> str:

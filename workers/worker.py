@@ -63,6 +63,7 @@ from kdsearch.service.study import (
 from kdsearch.workers.assets import StudyAssets, open_asset_cache, prepare_assets
 from kdsearch.workers.device import configure as configure_device
 from kdsearch.workers.device import pick_device, training_dtype
+from kdsearch.workers.figures import FigurePool
 from kdsearch.workers.liveness import GracefulStop, Heartbeat, StopRequested
 from kdsearch.workers.recording import Recorder
 from kdsearch.workers.tracking import Tracking, TrialTracking
@@ -146,8 +147,16 @@ class Worker:
         record_artifact_location(self.storage, spec.name, location)  # reachable: recorded
         with self.stop.interruptible():  # fine-tuning a teacher, stage 1: can take long
             self.assets: StudyAssets = prepare_assets(spec, cache, self.device, self.dtype)
+        self.figures = FigurePool()  # its processes start while the first trial runs
         self.recorder = Recorder(
-            self.study, self.storage, spec, self.assets, artifact_store, str(location), self._db
+            self.study,
+            self.storage,
+            spec,
+            self.assets,
+            artifact_store,
+            str(location),
+            self._db,
+            self.figures,
         )
         self.recorder.upload_teacher_predictions()
         self.tracking = self._db(
@@ -175,6 +184,9 @@ class Worker:
             except StopRequested as stop:
                 logger.warning("received %s: stopped", stop)
                 return 0
+            finally:
+                if getattr(self, "figures", None) is not None:
+                    self.figures.close()
 
     def _loop(self) -> int:
         ran = failures = 0
