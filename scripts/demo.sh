@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The offline demo study: MiniLM teacher fine-tuned on real SST-2 rows, a 2-layer
-# student, 6 trials, embedded storage (./kdsearch.db) and artifacts (./kdsearch-artifacts).
+# The offline demo study: MiniLM teacher fine-tuned on real SST-2 rows, a 2-layer student
+# from its first fine-tuned layers, 24 trials with seed replicates (racing), embedded
+# storage (./kdsearch.db) and artifacts (./kdsearch-artifacts).
 # Re-running it attaches to the finished study and prints its table again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

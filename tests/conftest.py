@@ -21,6 +21,10 @@ from sqlalchemy.engine import make_url
 
 from tests.helpers import FIXTURES, PrivatePostgres, free_port
 
+# One figure process per worker started by the tests (the default is one per CPU, up to
+# 4): the pool is exercised everywhere at half the start-up CPU of this 2-core machine.
+os.environ.setdefault("KDSEARCH_FIGURE_PROCESSES", "1")
+
 
 @pytest.fixture(scope="session")
 def postgres_server_url() -> Iterator[str]:

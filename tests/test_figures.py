@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from kdsearch.workers.figures import FigurePool, Job
+from kdsearch.workers.figures import FigurePool, Job, figure_processes
+from tests.helpers import assert_clean_failure, kdsearch
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +44,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_pool_draws_every_figure_and_falls_back_when_broken(tmp_path: Path) -> None:
-    pool = FigurePool(processes=2)
+    pool = FigurePool(2)
     try:
         jobs = _jobs(tmp_path)
         pool.wait(jobs, pool.submit(jobs))
@@ -63,24 +65,53 @@ def test_pool_draws_every_figure_and_falls_back_when_broken(tmp_path: Path) -> N
         pool.close()
 
 
-def test_children_exit_when_their_worker_is_killed() -> None:
-    # A stand-in worker: it starts a pool, prints its children and waits to be killed.
-    script = (
-        "import sys, time\n"
+def test_children_skip_the_script_and_exit_when_their_worker_is_killed(tmp_path: Path) -> None:
+    # A stand-in worker: a user's script with no ``__main__`` guard that imports torch. A
+    # spawned child would re-run it (torch and all, and a second pool); it must not. It
+    # prints its children and waits to be killed.
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import time\n"
+        "import torch\n"
         "from kdsearch.workers.figures import FigurePool\n"
-        "pool = FigurePool(processes=2)\n"
+        "pool = FigurePool(2)\n"
         "pool._pool.submit(time.sleep, 0).result()\n"
         "while len(pool._pool._processes) < 2: time.sleep(0.1)\n"
         "print(*pool._pool._processes, flush=True)\n"
         "time.sleep(600)\n"
     )
-    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert worker.stdout is not None
     children = [int(pid) for pid in worker.stdout.readline().split()]
     assert len(children) == 2 and all(_alive(pid) for pid in children)
+    deadline = time.monotonic() + 30
+    for pid in children:  # once a child has matplotlib, it is past re-running a script
+        while "ft2font" not in (maps := Path(f"/proc/{pid}/maps").read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert "libtorch" not in maps
     worker.kill()
     worker.wait()
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in children)
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "2.5", "65", ""])
+def test_a_bad_process_count_is_refused_by_the_worker(raw: str, tmp_path: Path) -> None:
+    result = kdsearch(
+        "worker", "--study", "any", "--storage", f"sqlite:///{tmp_path / 'k.db'}",
+        env={"KDSEARCH_FIGURE_PROCESSES": raw},
+    )  # fmt: skip
+    assert_clean_failure(result, "KDSEARCH_FIGURE_PROCESSES", "0 to 64")
+    assert not (tmp_path / "k.db").exists()  # nothing written
+
+
+def test_the_process_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDSEARCH_FIGURE_PROCESSES", "0")
+    assert figure_processes() == 0
+    monkeypatch.setenv("KDSEARCH_FIGURE_PROCESSES", " 3 ")
+    assert figure_processes() == 3
+    monkeypatch.delenv("KDSEARCH_FIGURE_PROCESSES")
+    assert figure_processes() == max(1, min(4, os.cpu_count() or 1))

@@ -14,12 +14,17 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Mapping
+import types
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any
+
+from kdsearch.service.errors import KdsearchError
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +56,39 @@ def _child_init(parent: int) -> None:
     from kdsearch.workers import plots  # noqa: F401  (import once, before the first job)
 
 
+@contextmanager
+def _bare_main() -> Iterator[None]:
+    """A spawned child first re-runs its parent's ``__main__`` when that is a script: a
+    user's script or a benchmark (seconds of CPU for torch and transformers, taken from
+    the trial running beside it), or worse, a script without an ``if __name__ ==
+    "__main__"`` guard, which would start workers again. The children need only
+    matplotlib: while they are started, ``__main__`` is an empty module."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def figure_processes() -> int:
+    """How many processes draw figures: ``$KDSEARCH_FIGURE_PROCESSES``, else one per CPU
+    up to 4 (0: the worker draws them itself, for machines short of memory)."""
+    raw = os.environ.get("KDSEARCH_FIGURE_PROCESSES")
+    if raw is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    if not raw.strip().isdigit() or int(raw) > 64:
+        raise KdsearchError(
+            f"KDSEARCH_FIGURE_PROCESSES={raw[:40]!r} is not a whole number from 0 to 64 (the "
+            "processes that draw a trial's figures; 0 draws them in the worker): set it to "
+            "a number such as 2, or unset it"
+        )
+    return int(raw)
+
+
 class FigurePool:
-    def __init__(self, processes: int | None = None) -> None:
-        self.processes = processes or max(1, min(4, (os.cpu_count() or 1)))
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self._start()
 
@@ -65,8 +100,9 @@ class FigurePool:
                 initializer=_child_init,
                 initargs=(os.getpid(),),
             )
-            for _ in range(self.processes):  # spawn them now, in the background
-                self._pool.submit(os.getpid)
+            with _bare_main():
+                for _ in range(self.processes):  # spawn them now, in the background
+                    self._pool.submit(os.getpid)
         except (OSError, RuntimeError) as exc:
             logger.warning("figures will be drawn in the worker itself: %s", exc)
             self._pool = None
@@ -76,21 +112,25 @@ class FigurePool:
         if self._pool is None:
             return dict.fromkeys(jobs)
         try:
-            return {name: self._pool.submit(draw, *job) for name, job in jobs.items()}
+            with _bare_main():  # a submit may start a child in place of one that ended
+                return {name: self._pool.submit(draw, *job) for name, job in jobs.items()}
         except (BrokenProcessPool, RuntimeError):
             self._restart()
             return dict.fromkeys(jobs)
 
     def wait(self, jobs: Mapping[str, Job], futures: Mapping[str, Future[None] | None]) -> None:
         """Every figure drawn: by the pool, or here for those it could not draw."""
+        broken = False
         for name, future in futures.items():
             try:
                 if future is not None:
                     future.result()
                     continue
-            except BrokenProcessPool:
-                self._restart()
+            except BrokenProcessPool:  # every future of a broken pool raises it
+                broken = True
             draw(*jobs[name])
+        if broken:  # once, for the next trial
+            self._restart()
 
     def _restart(self) -> None:
         logger.warning("the figure processes stopped; starting new ones")

@@ -63,7 +63,7 @@ from kdsearch.service.study import (
 from kdsearch.workers.assets import StudyAssets, open_asset_cache, prepare_assets
 from kdsearch.workers.device import configure as configure_device
 from kdsearch.workers.device import pick_device, training_dtype
-from kdsearch.workers.figures import FigurePool
+from kdsearch.workers.figures import FigurePool, figure_processes
 from kdsearch.workers.liveness import GracefulStop, Heartbeat, StopRequested
 from kdsearch.workers.recording import Recorder
 from kdsearch.workers.tracking import Tracking, TrialTracking
@@ -114,6 +114,7 @@ class Worker:
 
     def setup(self) -> None:
         options = self.options
+        drawers = figure_processes()  # checked before anything is started
         # The spec holds the heartbeat settings the worker's storage needs: read it with a
         # plain connection first, then drop that connection's pool.
         plain = open_storage(options.storage_url, create=False)
@@ -147,7 +148,8 @@ class Worker:
         record_artifact_location(self.storage, spec.name, location)  # reachable: recorded
         with self.stop.interruptible():  # fine-tuning a teacher, stage 1: can take long
             self.assets: StudyAssets = prepare_assets(spec, cache, self.device, self.dtype)
-        self.figures = FigurePool()  # its processes start while the first trial runs
+        # Its processes start while the first trial runs; none: figures drawn here.
+        self.figures = FigurePool(drawers) if drawers else None
         self.recorder = Recorder(
             self.study,
             self.storage,
