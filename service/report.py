@@ -73,7 +73,7 @@ def representative(config: Configuration, trials: list[TrialRecord]) -> TrialRec
 
 
 def chosen(study: optuna.Study, spec: StudySpec) -> tuple[Configuration, TrialRecord] | None:
-    """The study's answer: the best confirmed-feasible configuration (lowest mean sigma)
+    """The study's answer: the best confirmed-feasible configuration (``best_configuration``)
     and its representative trial; None while there is none."""
     trials = records(study)
     best = best_configuration(aggregate(trials, spec))

@@ -130,9 +130,26 @@ def test_racing_queues_seeds_only_where_the_answer_is_open() -> None:
     assert queued == [(1e-3, 2), (3e-3, 1)]
     assert configs[5e-3].verdict == "feasible"  # dominated, so no more seeds all the same
     assert seeds_to_queue(list(configs.values()), s, 1) == [(configs[1e-3], 2)]  # budget-bound
-    # the answer: confirmed feasible with the lowest mean sigma
+    # the answer: confirmed feasible with the lowest upper bound of sigma
     best = best_configuration(list(configs.values()))
     assert best is not None and best.params == {"learning_rate": 6e-3}
+
+
+def test_the_answer_is_the_lowest_upper_bound_not_the_luckiest_mean() -> None:
+    # The demo's case: a configuration confirmed on 3 seeds against one run once whose
+    # single draw is lower. Pooled noise (sd 0.0025) makes both feasible; the one seed's
+    # interval is the wider, and its mean the less certain.
+    records = [
+        trial(0, 1e-3, 0.0440, 0.0, 0), trial(1, 1e-3, 0.0410, 0.0, 1),
+        trial(2, 1e-3, 0.0390, 0.0, 2),  # mean 0.0413, 3 seeds
+        trial(3, 2e-3, 0.0404, 0.0),  # 0.0404, 1 seed
+    ]  # fmt: skip
+    configs = {c.params["learning_rate"]: c for c in aggregate(records, spec(max_seeds=3))}
+    assert [c.verdict for c in configs.values()] == ["feasible", "feasible"]
+    assert configs[2e-3].sigma_mean < configs[1e-3].sigma_mean
+    assert configs[2e-3].sigma.high > configs[1e-3].sigma.high  # type: ignore[union-attr]
+    best = best_configuration(list(configs.values()))
+    assert best is not None and best.params == {"learning_rate": 1e-3}
 
 
 def test_initial_seeds_and_the_all_strategy() -> None:
