@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdsearch.service.errors import KdsearchError
 from kdsearch.workers.figures import FigurePool, Job, figure_processes
 from tests.helpers import assert_clean_failure, kdsearch
 
@@ -98,14 +99,20 @@ def test_children_skip_the_script_and_exit_when_their_worker_is_killed(tmp_path:
     assert not any(_alive(pid) for pid in children)
 
 
-@pytest.mark.parametrize("raw", ["abc", "-1", "2.5", "65", ""])
-def test_a_bad_process_count_is_refused_by_the_worker(raw: str, tmp_path: Path) -> None:
+def test_a_bad_process_count_is_refused_by_the_worker(tmp_path: Path) -> None:
     result = kdsearch(
         "worker", "--study", "any", "--storage", f"sqlite:///{tmp_path / 'k.db'}",
-        env={"KDSEARCH_FIGURE_PROCESSES": raw},
+        env={"KDSEARCH_FIGURE_PROCESSES": "-1"},
     )  # fmt: skip
-    assert_clean_failure(result, "KDSEARCH_FIGURE_PROCESSES", "0 to 64")
-    assert not (tmp_path / "k.db").exists()  # nothing written
+    assert_clean_failure(result, "KDSEARCH_FIGURE_PROCESSES='-1'", "0 to 64")
+    assert not (tmp_path / "k.db").exists()  # refused before anything is opened
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "2.5", "65", ""])
+def test_bad_process_counts(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDSEARCH_FIGURE_PROCESSES", raw)
+    with pytest.raises(KdsearchError, match="whole number from 0 to 64"):
+        figure_processes()
 
 
 def test_the_process_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
