@@ -124,6 +124,11 @@ SPEC_CASES = [
     # values
     Case("unknown key", create(added("lerning_rate: 1")), ["lerning_rate: unknown key"]),
     Case(
+        "replicates initial > max",
+        create(added("replicates: {max_seeds: 2, initial_seeds: 3}")),
+        ["initial_seeds 3 must not exceed max_seeds 2"],
+    ),
+    Case(
         "unknown task",
         create(yaml_edit("task: sst2", "task: sst3")),
         ["task: 'sst3' is not allowed"],
