@@ -72,6 +72,24 @@ def test_create_attach_refuse_and_status(spec_file: Path, pg_url: str) -> None:
     assert (rows[0]["learning_rate"], rows[0]["batch_size"]) == (1e-3, 32)
 
 
+def test_a_worker_with_another_artifact_location_is_refused(
+    spec_file: Path, pg_url: str, tmp_path: Path
+) -> None:
+    recorded, other = tmp_path / "recorded", tmp_path / "other"
+    created = kdsearch(
+        "study", "create", str(spec_file), "--artifacts", str(recorded), "--storage", pg_url
+    )
+    assert created.returncode == 0, created.stderr
+    refused = kdsearch(
+        "worker", "--study", "cli", "--artifacts", str(other), "--storage", pg_url, timeout=300
+    )
+    assert_clean_failure(refused, repr(str(other)), repr(str(recorded)), "drop --artifacts")
+    stored = optuna.load_study(study_name="cli", storage=pg_url)
+    assert [t.state.name for t in stored.trials] == ["WAITING"]  # nothing claimed
+    status = kdsearch("status", "--study", "cli", "--storage", pg_url)
+    assert status.stdout.splitlines()[-1] == f"artifacts: {recorded}"
+
+
 def test_unknown_study(pg_url: str, spec_file: Path) -> None:
     kdsearch("study", "create", str(spec_file), "--storage", pg_url)
     for command in (("status", "--study", "nope"), ("worker", "--study", "nope")):
