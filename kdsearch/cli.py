@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlflow",
         metavar="URI",
         default=os.environ.get("KDSEARCH_MLFLOW"),
-        help="also log each trial to this MLflow tracking URI (file:./mlruns, "
-        "sqlite:///mlflow.db, http://host:5000); default: $KDSEARCH_MLFLOW, else the "
+        help="also log each trial to this MLflow tracking URI (sqlite:///mlflow.db, "
+        "http://host:5000); default: $KDSEARCH_MLFLOW, else the "
         "study's tracking.mlflow",
     )
     worker.add_argument(

@@ -88,9 +88,11 @@ def figure_processes() -> int:
 
 class FigurePool:
     def __init__(self, processes: int) -> None:
+        """``processes`` 0: no processes, ``wait`` draws every figure here."""
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
-        self._start()
+        if processes:
+            self._start()
 
     def _start(self) -> None:
         try:

@@ -123,7 +123,10 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
 
 # Initial students (and stage-1 teachers) already read in this process: a trial copies
 # one instead of reading the checkpoint again (a worker runs many trials of one study).
+# Bounded, oldest out first: a process that runs several studies (the Python API) must
+# not keep every model it ever read.
 _LOADED: dict[tuple[Any, ...], tuple[PreTrainedModel, tuple[str, ...]]] = {}
+_LOADED_MAX = 4
 
 
 def forget_loaded() -> None:
@@ -137,6 +140,8 @@ def _load_once(key: tuple[Any, ...], seed: int, *args: Any, **kwargs: Any) -> An
     classifier head) are drawn from ``seed``: the same weights on every call, first or
     not, in every process."""
     if key not in _LOADED:
+        if len(_LOADED) >= _LOADED_MAX:
+            del _LOADED[next(iter(_LOADED))]
         model, info = load_model(*args, output_loading_info=True, **kwargs)
         fresh = {k.rsplit(".", 1)[0] for k in info["missing_keys"]}
         _LOADED[key] = (model, tuple(sorted(fresh)))

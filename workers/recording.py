@@ -30,7 +30,7 @@ from kdsearch.service.record import (
 from kdsearch.service.spec import Hyperparameters, StudySpec
 from kdsearch.service.storage import study_lock
 from kdsearch.workers.assets import StudyAssets
-from kdsearch.workers.figures import FigurePool, Job, draw
+from kdsearch.workers.figures import FigurePool, Job
 from kdsearch.workers.predictions import write_predictions
 from kdsearch.workers.tracking import TrialTracking
 from kdsearch.workers.trial import TrialResult
@@ -55,6 +55,7 @@ class Recorder:
         figures: FigurePool | None = None,
     ) -> None:
         """``figures``: the processes that draw the trial figures (None: drawn here)."""
+        self.figures = figures or FigurePool(0)
         self.study = study
         self.storage = storage
         self.spec = spec
@@ -62,7 +63,6 @@ class Recorder:
         self.artifact_store = artifact_store
         self.location = location
         self.db = db
-        self.figures = figures
         self.teacher_artifacts: dict[str, str] = {}
 
     def upload_teacher_predictions(self) -> None:
@@ -134,15 +134,11 @@ class Recorder:
             # The figures (the largest part of recording a trial) are drawn by the figure
             # processes while this one writes to the database and the store.
             jobs = self._figure_jobs(Path(tmp), result, probes)
-            pending = self.figures.submit(jobs) if self.figures else dict.fromkeys(jobs)
+            pending = self.figures.submit(jobs)
             self._set(trial, result.outcome.attrs(), "recording results")
             for name, path in self._predictions(Path(tmp), result).items():
                 artifact_ids[name] = self._upload(path, trial)
-            if self.figures:
-                self.figures.wait(jobs, pending)
-            else:
-                for job in jobs.values():
-                    draw(*job)
+            self.figures.wait(jobs, pending)
             figures = {name: Path(tmp) / name for name in jobs}
             for name, path in figures.items():
                 artifact_ids[name] = self._upload(path, trial)

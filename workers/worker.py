@@ -108,6 +108,7 @@ class Worker:
         self.options = options
         self.stop = stop or GracefulStop()
         self._deadline: float | None = None  # caps every storage retry once set (stopping)
+        self.figures: FigurePool | None = None  # started by setup()
 
     def _db(self, call: Callable[[], T], what: str) -> T:
         return with_reconnect(call, what, self.options.storage_timeout_s, self._deadline)
@@ -148,8 +149,8 @@ class Worker:
         record_artifact_location(self.storage, spec.name, location)  # reachable: recorded
         with self.stop.interruptible():  # fine-tuning a teacher, stage 1: can take long
             self.assets: StudyAssets = prepare_assets(spec, cache, self.device, self.dtype)
-        # Its processes start while the first trial runs; none: figures drawn here.
-        self.figures = FigurePool(drawers) if drawers else None
+        # Its processes start while the first trial runs (0: figures drawn here).
+        self.figures = FigurePool(drawers)
         self.recorder = Recorder(
             self.study,
             self.storage,
@@ -187,7 +188,7 @@ class Worker:
                 logger.warning("received %s: stopped", stop)
                 return 0
             finally:
-                if getattr(self, "figures", None) is not None:
+                if self.figures is not None:
                     self.figures.close()
 
     def _loop(self) -> int:
