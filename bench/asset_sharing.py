@@ -19,9 +19,10 @@ import torch
 from service_overhead import spec_dict  # this folder is on sys.path when run as a script
 
 from kdsearch.service.artifacts import resolve_artifacts
-from kdsearch.service.spec import spec_from_dict
+from kdsearch.service.loading import spec_from_dict
 from kdsearch.service.storage import open_storage
-from kdsearch.workers.assets import open_asset_cache, prepare_assets
+from kdsearch.workers.assets import prepare_assets
+from kdsearch.workers.cache import open_asset_cache
 
 logger = logging.getLogger("bench.assets")
 

@@ -53,10 +53,10 @@ def spec_dict(name: str, teacher: str, student: str, rows: int, n_trials: int) -
 
 
 def trial_figures(teacher: str, student: str, rows: int, folder: Path) -> list[str]:
-    from kdsearch.service.spec import spec_from_dict
+    from kdsearch.service.loading import spec_from_dict
     from kdsearch.workers.assets import AssetCache, prepare_assets
     from kdsearch.workers.device import configure
-    from kdsearch.workers.trial import build_trial
+    from kdsearch.workers.trial import standalone_trial
 
     device = torch.device("cuda")
     configure(device)
@@ -65,11 +65,11 @@ def trial_figures(teacher: str, student: str, rows: int, folder: Path) -> list[s
     assets = prepare_assets(spec, AssetCache(folder / "cache"), device)
     lines = [f"teacher logits on {rows} train rows + dev: {time.perf_counter() - start:.1f} s"]
     params = {"learning_rate": 1e-4, "batch_size": 32, "epochs": 1}
-    build_trial(spec, assets, params, device, dtype=torch.bfloat16).run()  # warm-up
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32 (TF32)", None)):
+    standalone_trial(spec, assets, params, device, precision="bf16").run()  # warm-up
+    for name, precision in (("bf16", "bf16"), ("fp32 (TF32)", "fp32")):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        result = build_trial(spec, assets, params, device, dtype=dtype).run()
+        result = standalone_trial(spec, assets, params, device, precision=precision).run()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         lines.append(

@@ -29,10 +29,10 @@ import torch
 import transformers
 from pairs import bert_base_pair
 
-from kdsearch.service.spec import spec_from_dict
+from kdsearch.service.loading import spec_from_dict
 from kdsearch.workers.assets import AssetCache, prepare_assets
 from kdsearch.workers.device import bf16_hardware
-from kdsearch.workers.trial import build_trial
+from kdsearch.workers.trial import standalone_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.precision")
@@ -82,9 +82,9 @@ def main() -> None:
     runs: dict[str, list] = {"fp32": [], "bf16": []}
     seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for seed in range(args.seeds):
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for name in ("fp32", "bf16"):
             start = time.perf_counter()
-            result = build_trial(spec, assets, PARAMS, CPU, seed=seed, dtype=dtype).run()
+            result = standalone_trial(spec, assets, PARAMS, CPU, seed, name).run()
             seconds[name].append(time.perf_counter() - start)
             runs[name].append(result.outcome)
     pairs = list(zip(runs["fp32"], runs["bf16"], strict=True))

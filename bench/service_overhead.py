@@ -26,16 +26,10 @@ from typing import TypeVar
 
 import optuna
 
-from kdsearch.service.spec import spec_from_dict
+from kdsearch.service.claim import Claim, StudyView, claim_trial
+from kdsearch.service.loading import spec_from_dict
 from kdsearch.service.storage import open_storage
-from kdsearch.service.study import (
-    Claim,
-    build_sampler,
-    claim_trial,
-    create_or_attach,
-    load_stored_spec,
-    worker_seed,
-)
+from kdsearch.service.study import create_or_attach, load_stored_spec
 from kdsearch.workers.worker import Worker, WorkerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,10 +82,10 @@ def storage_share(url: str, rows: int, s3: str | None = None) -> tuple[float, st
         location = f"{s3}/{name}" if s3 else tmp
         options = WorkerOptions(url, name, location, cache_dir=Path(tmp) / "cache")
         worker = TimedWorker(options)
-        worker.setup()  # assets (teacher logits) are once per study: not part of a trial
+        context = worker.setup()  # assets (teacher logits) are once per study: not a trial's
         worker.storage_s = 0.0
         start = time.perf_counter()
-        worker._loop()
+        worker._loop(context)
         total = time.perf_counter() - start
     optuna.delete_study(study_name=name, storage=storage)
     where = "S3" if s3 else "a folder"
@@ -105,19 +99,15 @@ def storage_share(url: str, rows: int, s3: str | None = None) -> tuple[float, st
 def _noop_worker(url: str, name: str, worker_id: int) -> None:
     storage = open_storage(url)
     spec = load_stored_spec(storage, name)
-    study = optuna.load_study(
-        study_name=name,
-        storage=storage,
-        sampler=build_sampler(spec, worker_seed(spec, str(worker_id))),
-    )
+    view = StudyView(optuna.load_study(study_name=name, storage=storage))
     while True:
-        trial = claim_trial(study, spec, storage)
-        if trial is Claim.DONE:
+        claimed = claim_trial(view, spec, storage, "fp32")  # per-trial seeded sampler
+        if claimed is Claim.DONE:
             return
-        if trial is Claim.WAIT:
+        if isinstance(claimed, Claim):
             time.sleep(0.01)
             continue
-        study.tell(trial, [0.0, 0.0])
+        view.study.tell(claimed.trial, [0.0, 0.0])
 
 
 def noop_rate(url: str, workers: int, n_trials: int) -> float:

@@ -14,7 +14,7 @@ Baselines (the strongest fair versions of what users run today):
    the library's defaults (fp32 on CPU), and again with ``bf16=True`` (the strongest
    version: the same hardware feature kdsearch uses).
 
-kdsearch: (a) the trial as a worker runs it, ``build_trial(...).run()`` with the study's
+kdsearch: (a) the trial as a worker runs it, ``standalone_trial(...).run()`` with the study's
 precision (``auto``), setup (the student's load) included; (b) the same trial through
 ``kdsearch worker`` on PostgreSQL, start to complete, recording and figures included; the
 service time is (b) minus the trial's own compute. The teacher's logits are computed once
@@ -42,13 +42,14 @@ from pairs import bert_base_pair
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 import kdsearch
-from kdsearch.service.spec import StudySpec, spec_from_dict
+from kdsearch.service.loading import spec_from_dict
+from kdsearch.service.spec import StudySpec
 from kdsearch.workers.assets import AssetCache, prepare_assets
 from kdsearch.workers.batching import Encoded
-from kdsearch.workers.device import training_dtype
+from kdsearch.workers.device import dtype_of, resolve_precision
 from kdsearch.workers.distill import SoftCrossEntropy
 from kdsearch.workers.metrics import accuracy, confidence_stats
-from kdsearch.workers.trial import build_trial
+from kdsearch.workers.trial import standalone_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("bench.throughput")
@@ -210,12 +211,12 @@ def trainer_run(
 
 def kdsearch_trial(spec: StudySpec, cache: Path) -> tuple[float, float, Any]:
     """(teacher pass once per study, the trial's seconds, its result)."""
-    dtype = training_dtype(spec.training.precision, CPU)
+    precision = resolve_precision(spec.training.precision, CPU)
     start = time.perf_counter()
-    assets = prepare_assets(spec, AssetCache(cache), CPU, dtype)
+    assets = prepare_assets(spec, AssetCache(cache), CPU, dtype_of(precision))
     t_assets = time.perf_counter() - start
     start = time.perf_counter()
-    result = build_trial(spec, assets, HP, CPU, dtype=dtype).run()
+    result = standalone_trial(spec, assets, HP, CPU, precision=precision).run()
     return t_assets, time.perf_counter() - start, result
 
 
@@ -290,14 +291,14 @@ def main() -> None:
         f"pair {args.pair}, {len(train)} SST-2 train + {len(dev)} dev sentences (mean "
         f"{np.mean(lengths):.1f} tokens), max_seq_length {args.max_seq_length}, batch 32, "
         f"1 epoch, {torch.get_num_threads()} threads; kdsearch precision "
-        f"{spec.training.precision}: {'bf16' if training_dtype('auto', CPU) else 'fp32'}",
+        f"{spec.training.precision}: {resolve_precision('auto', CPU)}",
         f"TinyBERT-style loop (today's defaults): {timings['tinybert']:7.2f} s  "
         f"{n / timings['tinybert']:7.1f} ex/s   {figures(*probs['tinybert'])}",
         f"HF Trainer (defaults, fp32):            {timings['trainer']:7.2f} s  "
         f"{n / timings['trainer']:7.1f} ex/s   {figures(*probs['trainer'])}",
         f"HF Trainer (bf16=True):                 {timings['trainer-bf16']:7.2f} s  "
         f"{n / timings['trainer-bf16']:7.1f} ex/s   {figures(*probs['trainer-bf16'])}",
-        f"kdsearch trial (build_trial().run()):   {t_ours:7.2f} s  {n / t_ours:7.1f} ex/s   "
+        f"kdsearch trial (standalone_trial):      {t_ours:7.2f} s  {n / t_ours:7.1f} ex/s   "
         f"{figures(ours.student_probs_train, ours.student_probs_dev)}",
         f"kdsearch worker on PostgreSQL, start to complete: {t_worker:.2f} s (the trial's "
         f"compute {t_compute:.2f} s; service time {t_worker - t_compute:.2f} s = "

@@ -19,8 +19,8 @@ from pathlib import Path
 import optuna
 import transformers
 
+from kdsearch.service.loading import spec_from_dict
 from kdsearch.service.record import TrialRecord
-from kdsearch.service.spec import spec_from_dict
 from kdsearch.service.storage import open_storage, study_names
 from kdsearch.service.study import create_or_attach
 from kdsearch.workers.worker import Worker, WorkerOptions

@@ -31,10 +31,14 @@ import torch
 import transformers
 
 import kdsearch
-from kdsearch.service.racing import aggregate, best_configuration, replicate_seed
-from kdsearch.service.spec import StudySpec, spec_from_dict
-from kdsearch.workers.assets import AssetCache, prepare_assets
-from kdsearch.workers.trial import build_trial
+from kdsearch.service.confirmation import best_candidate
+from kdsearch.service.loading import spec_from_dict
+from kdsearch.service.racing import aggregate
+from kdsearch.service.spec import StudySpec
+from kdsearch.service.trial_config import replicate_seed
+from kdsearch.workers.assets import prepare_assets
+from kdsearch.workers.cache import AssetCache
+from kdsearch.workers.trial import standalone_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("experiment")
@@ -56,7 +60,9 @@ NOISE_CONFIGS = [  # the baseline, and two that train the student
 FRESH = (10, 11, 12)  # replicate indices no search uses: fresh seeds
 
 
-def spec(task: str, name: str, n_trials: int, max_seeds: int) -> StudySpec:
+def spec(
+    task: str, name: str, n_trials: int, max_seeds: int, sampler_seed: int | None = None
+) -> StudySpec:
     folder, train_limit, max_len = TASKS[task]
     raw: dict[str, Any] = {
         "name": name,
@@ -73,29 +79,25 @@ def spec(task: str, name: str, n_trials: int, max_seeds: int) -> StudySpec:
         "n_trials": n_trials,
         "seed": 42,  # one teacher and one list of training seeds for every search
         "replicates": {"max_seeds": max_seeds},
-        "sampler": {"name": "tpe", "n_startup_trials": 4},
+        "sampler": {"name": "tpe", "n_startup_trials": 4, "seed": sampler_seed},
         "pruning": {"rule": "none", "probe_size": 500},
     }
     return spec_from_dict(raw, source=name)
 
 
-def run(task: str, params: dict[str, Any], seed: int, workdir: Path, baseline: float | None):
+def run(task: str, params: dict[str, Any], seed: int, workdir: Path):
+    """One trial's outcome (drops are computed here, against the baseline's accuracy)."""
     s = spec(task, f"run-{task}", 1, 1)
     assets = prepare_assets(s, AssetCache(workdir / "cache"), torch.device("cpu"))
-    job = build_trial(s, assets, params, torch.device("cpu"), baseline_accuracy=baseline,
-                      is_baseline=baseline is None, seed=seed)  # fmt: skip
-    return job.run().outcome
+    return standalone_trial(s, assets, params, torch.device("cpu"), seed).run().outcome
 
 
 def noise(task: str, seeds: int, workdir: Path) -> list[str]:
     rows = ["| configuration | seeds | sigma mean | sigma sd | drop mean | drop sd | student acc |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    baseline_accuracy = run(task, NOISE_CONFIGS[0], 42, workdir, None).student_dev_accuracy
+    baseline_accuracy = run(task, NOISE_CONFIGS[0], 42, workdir).student_dev_accuracy
     for params in NOISE_CONFIGS:
-        outcomes = [
-            run(task, params, replicate_seed(42, k), workdir, baseline_accuracy)
-            for k in range(seeds)
-        ]
+        outcomes = [run(task, params, replicate_seed(42, k), workdir) for k in range(seeds)]
         sigmas = [o.sigma for o in outcomes]
         drops = [baseline_accuracy - o.student_dev_accuracy for o in outcomes]
         accs = [o.student_dev_accuracy for o in outcomes]
@@ -112,20 +114,15 @@ def noise(task: str, seeds: int, workdir: Path) -> list[str]:
 def search(task: str, seed: int, budget: int, max_seeds: int, workdir: Path):
     """One search; ``seed`` is its sampler's (the searches of a repeat sample alike)."""
     name = f"sel-{task}-{seed}-{max_seeds}"
-    s = spec(task, name, budget, max_seeds)
+    s = spec(task, name, budget, max_seeds, sampler_seed=seed)
     study = kdsearch.create_study(
         s, storage=f"sqlite:///{workdir / 'studies.db'}", artifacts=str(workdir / "art")
     )
-    study.run_worker(
-        threads=torch.get_num_threads(), cache_dir=workdir / "cache", sampler_seed=seed
-    )
+    study.run_worker(threads=torch.get_num_threads(), cache_dir=workdir / "cache")
     records = study.records()
     configs = aggregate(records, s)
-    if max_seeds == 1:  # the single-seed answer: the feasible trial with the lowest sigma
-        feasible = [c for c in configs if c.verdict == "feasible"]
-        winner = min(feasible, key=lambda c: (c.sigma_mean, c.drop_mean), default=None)
-    else:
-        winner = best_configuration(configs)
+    # single seed: the feasible trial with the lowest sigma; racing: the lowest upper bound
+    winner = best_candidate(configs, s)
     baseline = next(r for r in records if r.baseline and r.replicate == 0)
     return winner, len(configs), baseline.outcome.student_dev_accuracy  # type: ignore[union-attr]
 
@@ -145,15 +142,14 @@ def selection(task: str, repeats: int, budget: int, workdir: Path) -> list[str]:
                 rows.append(f"| {label} | {seed} | {tried} | none feasible | - | - |")
                 continue
             found[max_seeds] += 1
-            fresh = [run(task, winner.params, replicate_seed(42, k), workdir, baseline)
-                     for k in FRESH]  # fmt: skip
+            fresh = [run(task, winner.params, replicate_seed(42, k), workdir) for k in FRESH]
             sigma = statistics.mean(o.sigma for o in fresh)
             drop = statistics.mean(baseline - o.student_dev_accuracy for o in fresh)
             holds = sigma <= limits.sigma_max and drop <= limits.accuracy_drop_max
             kept[max_seeds] += holds
             rows.append(
                 f"| {label} | {seed} | {tried} | {winner.sigma_mean:.4f}, "
-                f"{winner.drop_mean:.4f} ({winner.n}) | {sigma:.4f}, {drop:.4f} | "
+                f"{baseline - winner.accuracy_mean:.4f} ({winner.n}) | {sigma:.4f}, {drop:.4f} | "
                 f"{'yes' if holds else 'no'} |"
             )
             logger.info(rows[-1])

@@ -4,6 +4,7 @@
 
     study = kdsearch.create_study("studies/demo-sst2.yaml", storage="sqlite:///kd.db")
     study.run_worker(max_trials=2)               # trials in this process
+    study.answer()                               # the configuration the study names
     df = study.trials_dataframe()                # one row per trial, typed columns
     preds = study.predictions(trial=0)           # per-input teacher/student probabilities
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
+import shutil
 import tempfile
 import types
 import typing
@@ -24,12 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from kdsearch.service.artifacts import explicit_artifacts, readable_store
+from kdsearch.service.artifacts import (
+    explicit_artifacts,
+    readable_store,
+    resolve_artifacts,
+    study_artifacts,
+)
 from kdsearch.service.errors import KdsearchError
-from kdsearch.service.record import TrialOutcome, TrialRecord
-from kdsearch.service.spec import StudySpec, load_spec, spec_from_dict
-from kdsearch.service.storage import open_storage, resolve_storage_url
-from kdsearch.service.study import create_or_attach, load_stored_spec, study_artifacts
+from kdsearch.service.record import ArtifactName, TrialOutcome, TrialRecord
+from kdsearch.service.spec import INTEGER_HYPERPARAMETERS, StudySpec, short
+from kdsearch.service.storage import open_storage, redact, resolve_storage_url, study_names
+from kdsearch.service.study import create_or_attach, load_stored_spec
+from kdsearch.service.summary import StudySummary, judge_study, read_records, summarize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,36 +59,49 @@ def create_study(
     study's workers keep their files (default: ``$KDSEARCH_ARTIFACTS``, else recorded by
     the first worker). Bad input raises ``KdsearchError`` and writes nothing.
     """
-    if isinstance(spec, StudySpec):
-        parsed = spec
-    elif isinstance(spec, Mapping):
-        parsed = spec_from_dict(dict(spec), source="<dict>", base_dir=Path.cwd())
-    else:
-        parsed = load_spec(spec)
-    from kdsearch.service.artifacts import resolve_artifacts
-    from kdsearch.workers.preflight import require_study_inputs
+    from kdsearch.workers.preflight import load_study_spec
 
-    require_study_inputs(parsed, "the study spec")  # data and model files, before storing
+    _check_text("storage", storage)
+    _check_text("artifacts", artifacts)
+    parsed = load_study_spec(spec)  # the schema, the data and model files: before storing
     url = resolve_storage_url(storage)
     explicit = explicit_artifacts(artifacts)
     location = str(resolve_artifacts(explicit)) if explicit else None
-    create_or_attach(open_storage(url), parsed, artifacts=location)
-    return Study(parsed.name, url)
+    created = create_or_attach(open_storage(url), parsed, artifacts=location)
+    return Study(parsed.name, url, created=created)
 
 
 def load_study(name: str, storage: str | None = None) -> Study:
     """An existing study (``KdsearchError`` if there is none by that name)."""
-    url = resolve_storage_url(storage)
-    load_stored_spec(open_storage(url, create=False), name)
-    return Study(name, url)
+    _check_text("name", name, required=True)
+    _check_text("storage", storage)
+    return Study(name, resolve_storage_url(storage))
+
+
+_TEXT_HINTS = {
+    "name": "the study's name, as in its YAML",
+    "storage": "a database URL like postgresql+psycopg2://USER@HOST/DB or sqlite:///kdsearch.db, "
+    "or leave it out for $KDSEARCH_STORAGE",
+    "artifacts": "a folder or s3://BUCKET/PREFIX, or leave it out for the default",
+}
+
+
+def _check_text(what: str, value: Any, required: bool = False) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str | Path) or not str(value):
+        raise KdsearchError(
+            f"{what} must be a non-empty text, not {short(value)}; give {_TEXT_HINTS[what]}"
+        )
 
 
 class Study:
     """A kdsearch study: its spec, its workers, its results."""
 
-    def __init__(self, name: str, storage_url: str) -> None:
+    def __init__(self, name: str, storage_url: str, created: bool = False) -> None:
         self.name = name
         self.storage_url = storage_url
+        self.created = created  # this handle's create_study made it (False: attached)
         self._storage = open_storage(storage_url, create=False)
         self.spec: StudySpec = load_stored_spec(self._storage, name)
 
@@ -87,55 +109,76 @@ class Study:
         return f"kdsearch.Study({self.name!r}, task={self.spec.task!r})"
 
     @property
+    def shown_storage(self) -> str:
+        """The storage URL, password hidden."""
+        return redact(self.storage_url)
+
+    def _exists(self) -> None:
+        if self.name not in study_names(self._storage):
+            raise KdsearchError(
+                f"study {self.name!r} no longer exists in {self.shown_storage} (deleted?); "
+                "create it again with kdsearch.create_study"
+            )
+
+    @property
     def optuna(self) -> optuna.Study:
         """The underlying Optuna study (values: sigma, accuracy_drop)."""
+        self._exists()
         return optuna.load_study(study_name=self.name, storage=self._storage)
 
-    def run_worker(
-        self,
-        max_trials: int | None = None,
-        device: str = "auto",
-        threads: int | None = None,
-        artifacts: str | None = None,
-        cache_dir: str | Path | None = None,
-        storage_timeout_s: float = 600.0,
-        sampler_seed: int | None = None,
-        precision: str | None = None,
-        mlflow: str | None = None,
-        tensorboard: str | Path | None = None,
-    ) -> None:
-        """Run trials in this process until the study's budget is spent, or ``max_trials``
-        have run. Same guarantees as ``kdsearch worker`` (heartbeat, retries, Ctrl-C
-        re-queues the running trial). ``sampler_seed`` makes this worker's samples
-        reproducible (default: derived from the study seed, host and process).
-        ``precision``, ``mlflow`` and ``tensorboard`` override the study's
-        ``training.precision`` and ``tracking``."""
-        from kdsearch.workers.worker import Worker, WorkerOptions
+    def run_worker(self, **options: Any) -> None:
+        """Run trials in this process until the study's budget is spent, or
+        ``max_trials`` have run. Same guarantees as ``kdsearch worker`` (heartbeat,
+        retries, Ctrl-C re-queues the running trial). Options, as the CLI's (see
+        ``kdsearch worker --help``): ``max_trials``, ``device``, ``threads``,
+        ``artifacts``, ``cache_dir``, ``storage_timeout_s``, ``precision``, ``mlflow``,
+        ``tensorboard``. Logs go to the ``kdsearch`` logger (shown at INFO unless logging
+        is configured already)."""
+        from kdsearch.workers.models import quiet_transformers
+        from kdsearch.workers.options import WorkerOptions
+        from kdsearch.workers.worker import Worker
 
-        options = WorkerOptions(
-            storage_url=self.storage_url,
-            study_name=self.name,
-            artifacts=explicit_artifacts(artifacts),
-            cache_dir=Path(cache_dir) if cache_dir else None,
-            device=device,
-            threads=threads,
-            max_trials=max_trials,
-            storage_timeout_s=storage_timeout_s,
-            sampler_seed=sampler_seed,
-            precision=precision,
-            mlflow=mlflow,
-            tensorboard=str(tensorboard) if tensorboard else None,
-        )
-        Worker(options).run()
+        self._exists()
+        worker_options = WorkerOptions.from_api(self.storage_url, self.name, options)
+        _show_logs()
+        quiet_transformers()
+        Worker(worker_options).run()
 
     def records(self) -> list[TrialRecord]:
         """Every trial, read typed (``kdsearch.service.record.TrialRecord``)."""
+        self._exists()
+        study = self.optuna
         now = datetime.datetime.now()
-        return [TrialRecord.of(t, now) for t in self.optuna.get_trials(deepcopy=False)]
+        return [TrialRecord.of(t, now) for t in study.get_trials(deepcopy=False)]
+
+    def summary(self) -> StudySummary:
+        """The study at a glance: its configurations, its baseline's verdict, its answer."""
+        study = self.optuna
+        records = read_records(study)
+        return summarize(records, self.spec, judge_study(records, self.spec, study))
+
+    def answer(self) -> dict[str, Any] | None:
+        """The configuration the study names (as ``kdsearch status`` and ``report`` do),
+        with whether it is confirmed on held-out seeds and the figures it rests on; None
+        while there is none."""
+        s = self.summary()
+        if s.answer is None:
+            return None
+        return {
+            "config": s.answer.config,
+            "params": s.answer.params,
+            "confirmed": s.answer_confirmed,
+            "sigma": s.answer_sigma,
+            "accuracy_drop": s.answer_accuracy_drop,
+            "seeds": s.answer_seeds,
+            "trials": s.answer_trials,
+            "export_trial": s.answer_trial,
+        }
 
     def trials_dataframe(self) -> pd.DataFrame:
-        """One row per trial: number, state, the searched hyperparameters, the objectives,
-        feasibility, and every figure of ``TrialOutcome`` (missing until it finishes)."""
+        """One row per trial: number, state, role, configuration, seed, the searched
+        hyperparameters, the objectives, feasibility, and every figure of
+        ``TrialOutcome`` (missing until it finishes)."""
         import pandas as pd
 
         rows = []
@@ -143,7 +186,11 @@ class Study:
             row: dict[str, Any] = {
                 "trial": r.number,
                 "state": r.state.name,
+                "role": r.role.value,
                 "baseline": r.baseline,
+                "config": r.config,
+                "replicate": r.replicate,
+                "seed": r.seed,
                 "attempt": r.attempt,
                 **{name: r.params.get(name) for name in self.spec.search_space},
                 "feasible": r.feasible,
@@ -158,29 +205,75 @@ class Study:
             rows.append(row)
         frame = pd.DataFrame(rows, columns=[*_columns(self.spec)])
         dtypes = {
-            "trial": "int64", "state": "string", "baseline": "bool", "attempt": "int64",
+            "trial": "int64", "state": "string", "role": "string", "baseline": "bool",
+            "config": "string", "replicate": "int64", "seed": "Int64", "attempt": "int64",
             "feasible": "boolean", "pruned_by": "string", "error": "string",
             "worker_host": "string", "device": "string", "elapsed_s": "float64",
-            **{name: _param_dtype(self.spec, name) for name in self.spec.search_space},
+            **{name: _param_dtype(name) for name in self.spec.search_space},
             **_OUTCOME_DTYPES,
         }  # fmt: skip
         return frame.astype(dtypes)
 
     def configurations_dataframe(self) -> pd.DataFrame:
-        """One row per configuration: its searched values, how many seeds finished, the
-        mean, sd and confidence bounds of sigma and of the accuracy drop over them, and the
-        verdict (feasible / infeasible / uncertain; ``service/racing.py``)."""
+        """One row per configuration: its searched values, its search seeds' figures (mean,
+        sd, confidence bounds of sigma and of the accuracy drop), the verdict, its
+        held-out seeds' figures apart, and whether it is the study's answer."""
         import pandas as pd
 
-        from kdsearch.service.racing import aggregate
-        from kdsearch.service.report import configuration_rows
-
-        rows = configuration_rows(aggregate(self.records(), self.spec), self.spec)
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame([c.flat() for c in self.summary().configurations])
         if frame.empty:
             return frame
-        floats = [c for c in frame if c.startswith(("sigma_", "drop_"))]
-        return frame.astype({**dict.fromkeys(floats, "float64"), "seeds": "int64"})
+        floats = [c for c in frame if c.endswith(("_mean", "_sd", "_low", "_high"))]
+        return frame.astype(
+            {**dict.fromkeys(floats, "float64"), "seeds": "int64", "confirmation_seeds": "int64"}
+        )
+
+    def _prediction_record(self, trial: int) -> TrialRecord:
+        if isinstance(trial, bool) or not isinstance(trial, int):
+            raise KdsearchError(f"trial must be a trial number (0, 1, 2, ...), not {trial!r}")
+        record = next((r for r in self.records() if r.number == trial), None)
+        if record is None or not record.artifacts:
+            raise KdsearchError(
+                f"trial {trial} of {self.name!r} has no prediction files (it did not finish); "
+                "choose a COMPLETE trial (kdsearch status lists them)"
+            )
+        return record
+
+    def prediction_files(
+        self, trial: int, out: str | Path, artifacts: str | None = None
+    ) -> list[Path]:
+        """Save a finished trial's four prediction files (``teacher_train.csv``,
+        ``teacher_dev.csv``, ``student_train.csv``, ``student_dev.csv``; the paper's
+        ``pred,p0,p1,label`` format) into folder ``out``; returns their paths."""
+        from optuna.artifacts import download_artifact
+
+        record = self._prediction_record(trial)
+        store = self._store(artifacts)
+        folder = Path(out)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KdsearchError(f"cannot write to {str(folder)!r}: {exc.strerror}") from None
+        written = []
+        for who in ("teacher", "student"):
+            for split in ("train", "dev"):
+                name = ArtifactName.predictions(who, split)
+                path = folder / name
+                with tempfile.TemporaryDirectory() as tmp:
+                    download_artifact(
+                        artifact_store=store, artifact_id=record.artifacts[name],
+                        file_path=str(Path(tmp) / name),
+                    )  # fmt: skip
+                    shutil.move(str(Path(tmp) / name), path)
+                written.append(path)
+        return written
+
+    def _store(self, artifacts: str | None) -> Any:
+        location = study_artifacts(self._storage, self.name, explicit_artifacts(artifacts))
+        store = readable_store(location)
+        if store is None:
+            raise KdsearchError(f"the artifact location {str(location)!r} cannot be read")
+        return store
 
     def predictions(
         self, trial: int, split: str = "train", artifacts: str | None = None
@@ -191,31 +284,19 @@ class Study:
         computed from."""
         import numpy as np
         import pandas as pd
-        from optuna.artifacts import download_artifact
 
         from kdsearch.workers.predictions import read_predictions
 
         if split not in ("train", "dev"):
             raise KdsearchError(f"split {split!r} is not allowed; use 'train' or 'dev'")
-        record = next((r for r in self.records() if r.number == trial), None)
-        if record is None or not record.artifacts:
-            raise KdsearchError(
-                f"trial {trial} of {self.name!r} has no prediction files (it did not finish); "
-                "choose a COMPLETE trial"
-            )
-        location = study_artifacts(self._storage, self.name, explicit_artifacts(artifacts))
-        store = readable_store(location)
-        if store is None:
-            raise KdsearchError(f"the artifact location {str(location)!r} cannot be read")
-        loaded = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for who in ("teacher", "student"):
-                path = Path(tmp) / f"{who}.csv"
-                artifact_id = record.artifacts[f"{who}_{split}.csv"]
-                download_artifact(
-                    artifact_store=store, artifact_id=artifact_id, file_path=str(path)
+            files = self.prediction_files(trial, tmp, artifacts)
+            loaded = {
+                who: read_predictions(
+                    next(p for p in files if p.name == ArtifactName.predictions(who, split))
                 )
-                loaded[who] = read_predictions(path)
+                for who in ("teacher", "student")
+            }
         teacher, student = loaded["teacher"], loaded["student"]
         frame = pd.DataFrame({"label": teacher.labels})
         for who, preds in loaded.items():
@@ -230,6 +311,18 @@ class Study:
         return frame
 
 
+def _show_logs() -> None:
+    """In a notebook nothing configures logging: show kdsearch's INFO lines (the trials,
+    their figures) there, as Optuna shows its own, unless logging is configured."""
+    root, own = logging.getLogger(), logging.getLogger("kdsearch")
+    if root.handlers or own.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    own.addHandler(handler)
+    own.setLevel(logging.INFO)
+
+
 def _pandas_dtype(annotation: Any) -> str:
     """The nullable pandas dtype of a ``TrialOutcome`` field's type."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -241,14 +334,13 @@ _HINTS = typing.get_type_hints(TrialOutcome)
 _OUTCOME_DTYPES = {f.name: _pandas_dtype(_HINTS[f.name]) for f in dataclasses.fields(TrialOutcome)}
 
 
-def _param_dtype(spec: StudySpec, name: str) -> str:
-    from kdsearch.service.spec import INTEGER_HYPERPARAMETERS
-
+def _param_dtype(name: str) -> str:
     return "Int64" if name in INTEGER_HYPERPARAMETERS else "float64"
 
 
 def _columns(spec: StudySpec) -> list[str]:
     return [
-        "trial", "state", "baseline", "attempt", *spec.search_space, "feasible", "pruned_by",
-        "error", "worker_host", "device", "elapsed_s", *_OUTCOME_DTYPES,
+        "trial", "state", "role", "baseline", "config", "replicate", "seed", "attempt",
+        *spec.search_space, "feasible", "pruned_by", "error", "worker_host", "device",
+        "elapsed_s", *_OUTCOME_DTYPES,
     ]  # fmt: skip

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,14 @@ CACHE_HELP = (
     "this machine's copy of the study assets (default: $KDSEARCH_CACHE; else ARTIFACTS/cache "
     "for a folder, ~/.cache/kdsearch for S3)"
 )
+EXAMPLES = """\
+example:
+  kdsearch study create studies/demo-sst2.yaml
+  kdsearch worker --study demo-sst2
+  kdsearch status --study demo-sst2
+
+exit codes: 0 done, 1 trials kept failing, 2 bad input or usage, 3 storage unreachable,
+4 artifact store or local folder unusable"""
 
 
 def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -69,18 +77,26 @@ def _artifact_options(parser: argparse.ArgumentParser, cache: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdsearch.workers.options import WorkerOptions
+
     parser = argparse.ArgumentParser(
         prog="kdsearch",
         description="Hyperparameter search for confidence-preserving knowledge distillation "
         "(arXiv 2401.11365), as an Optuna study in PostgreSQL.",
-        epilog="exit codes: 0 done, 1 trials kept failing, 2 bad input or usage, "
-        "3 storage unreachable, 4 artifact store or local folder unusable",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kdsearch {__version__}")
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    study = commands.add_parser("study", help="create or list studies")
+    study = commands.add_parser(
+        "study",
+        help="create, list, delete or move studies",
+        description="Create, list, delete or move studies.",
+        epilog="example:\n  kdsearch study create studies/demo-sst2.yaml\n  kdsearch study list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     study_commands = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
     create = _command(
         study_commands,
@@ -103,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
         "kdsearch study unhalt demo-sst2",
     )
     unhalt.add_argument("name", metavar="NAME", help=STUDY_HELP)
+    delete = _command(
+        study_commands,
+        "delete",
+        "delete a study and its trials from the storage (its artifact files stay)",
+        "kdsearch study delete demo-sst2 --yes",
+    )
+    delete.add_argument("name", metavar="NAME", help=STUDY_HELP)
+    delete.add_argument(
+        "--yes", action="store_true", help="do not ask to type the name to confirm (scripts)"
+    )
+    relocate = _command(
+        study_commands,
+        "relocate",
+        "record a new artifact location for a study (after you copied its files there)",
+        "kdsearch study relocate demo-sst2 --artifacts /shared/kdsearch-artifacts",
+    )
+    relocate.add_argument("name", metavar="NAME", help=STUDY_HELP)
+    relocate.add_argument(
+        "--artifacts", required=True, metavar="DIR|s3://BUCKET/PREFIX",
+        help="the study's new artifact location (checked: a writable folder, a reachable bucket)",
+    )  # fmt: skip
     _command(
         study_commands,
         "schema",
@@ -116,69 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run trials of a study until its global budget is spent",
         "kdsearch worker --study demo-sst2 --gpu auto",
     )
-    worker.add_argument("--study", required=True, metavar="NAME", help=STUDY_HELP)
-    _artifact_options(worker)
-    worker.add_argument(
-        "--device", default="auto", help="auto (default: a GPU if visible), cpu, cuda or cuda:N"
-    )
-    worker.add_argument(
-        "--gpu",
-        default="none",
-        choices=("auto", "none"),
-        help="auto: claim a free GPU of this machine for this worker (see --workers-per-gpu) "
-        "and run on it; none (default): use --device",
-    )
-    worker.add_argument(
-        "--workers-per-gpu",
-        type=_positive_int,
-        default=1,
-        metavar="K",
-        help="with --gpu auto: workers sharing each GPU (default 1)",
-    )
-    worker.add_argument(
-        "--gpu-lock-dir",
-        default=os.environ.get("KDSEARCH_GPU_LOCK_DIR", "/tmp/kdsearch-gpus"),
-        metavar="DIR",
-        help="folder shared by the workers of one machine for GPU claims "
-        "(default: $KDSEARCH_GPU_LOCK_DIR, else /tmp/kdsearch-gpus)",
-    )
-    worker.add_argument(
-        "--threads", type=_positive_int, metavar="N", help="CPU threads for torch (default: all)"
-    )
-    worker.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        help="training precision on this worker (default: the study's training.precision; "
-        "auto: bf16 where the hardware has it)",
-    )
-    worker.add_argument(
-        "--mlflow",
-        metavar="URI",
-        default=os.environ.get("KDSEARCH_MLFLOW"),
-        help="also log each trial to this MLflow tracking URI (sqlite:///mlflow.db, "
-        "http://host:5000); default: $KDSEARCH_MLFLOW, else the "
-        "study's tracking.mlflow",
-    )
-    worker.add_argument(
-        "--tensorboard",
-        metavar="DIR",
-        default=os.environ.get("KDSEARCH_TENSORBOARD"),
-        help="also log each trial to this TensorBoard folder; default: "
-        "$KDSEARCH_TENSORBOARD, else the study's tracking.tensorboard",
-    )
-    worker.add_argument(
-        "--max-trials", type=_positive_int, metavar="N", help="stop this worker after N trials"
-    )
-    worker.add_argument(
-        "--storage-timeout",
-        type=_positive_float,
-        default=600.0,
-        metavar="SECONDS",
-        help="how long to keep reconnecting to a lost database before exiting 3 (default 600)",
-    )
+    WorkerOptions.add_arguments(worker)
 
     status = _command(
-        commands, "status", "one row per trial of a study", "kdsearch status --study demo-sst2"
+        commands,
+        "status",
+        "the configurations and trials of a study",
+        "kdsearch status --study demo-sst2",
     )
     status.add_argument("--study", required=True, metavar="NAME", help=STUDY_HELP)
     status.add_argument(
@@ -190,15 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         const=5.0,
         type=_positive_float,
         metavar="SECONDS",
-        help="refresh every SECONDS (default 5): trials done, running and queued, the best "
-        "feasible so far, each running trial's progress, the time left; stops when the "
-        "budget is spent or the study halts (Ctrl-C to leave earlier)",
+        help="refresh every SECONDS (default 5): trials done, running and queued, the answer "
+        "so far, each running trial's progress, the time left; stops when the study is done or "
+        "halts (Ctrl-C to leave earlier)",
     )
     status.add_argument(
         "--configurations",
         action="store_true",
-        help="one row per configuration (mean over its seeds, bounds, verdict) instead of per "
-        "trial; the table shows both when the study has seed replicates",
+        help="one row per configuration (search seeds, held-out seeds, bounds, verdict) only; "
+        "the table shows both when the study has seed replicates",
     )
 
     report = _command(
@@ -220,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = _command(
         commands,
         "export",
-        "re-train a trial's student and save it as a Hugging Face model folder",
+        "re-train the study's answer (or a trial) and save it as a Hugging Face model folder",
         "kdsearch export --study demo-sst2 --out students/demo",
     )
     export.add_argument("--study", required=True, metavar="NAME", help=STUDY_HELP)
@@ -228,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--trial",
         type=_non_negative_int,
         metavar="N",
-        help="the trial to export (default: the feasible trial with the lowest sigma)",
+        help="the trial to export (default: the study's answer, its median-sigma seed; "
+        "`kdsearch status` names it)",
     )
     export.add_argument(
         "--out", required=True, metavar="DIR", help="a new or empty folder for the model"
@@ -237,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--device", default="auto", help="auto (default: a GPU if visible), cpu, cuda or cuda:N"
     )
+
+    predictions = _command(
+        commands,
+        "predictions",
+        "save a finished trial's prediction files (teacher and student, train and dev)",
+        "kdsearch predictions --study demo-sst2 --trial 3 --out trial-3/",
+    )
+    predictions.add_argument("--study", required=True, metavar="NAME", help=STUDY_HELP)
+    predictions.add_argument(
+        "--trial", required=True, type=_non_negative_int, metavar="N", help="a finished trial"
+    )
+    predictions.add_argument(
+        "--out", required=True, metavar="DIR", help="the folder to write the four CSVs to"
+    )
+    _artifact_options(predictions, cache=False)
 
     dashboard = _command(
         commands,
@@ -256,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "score",
         "confidence figures of a teacher/student pair of prediction CSVs",
-        "kdsearch score --teacher teacher_train.csv --student student_train.csv --task mrpc",
+        "kdsearch score --teacher trial-3/teacher_train.csv --student trial-3/student_train.csv",
     )
     score.add_argument(
         "--teacher", required=True, metavar="T.csv", help="teacher predictions: pred,p0,p1,label"
@@ -269,6 +266,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--format", choices=("table", "json"), default="table", help="table (default) or json"
+    )
+
+    augment = _command(
+        commands,
+        "augment",
+        "write TinyBERT's augmented train file for a study (data_augmentation.py)",
+        "kdsearch augment studies/paper/rte-s6l.yaml --mlm bert-base-uncased "
+        "--glove glove.6B.300d.txt",
+    )
+    augment.add_argument(
+        "spec", metavar="STUDY.yaml", help="the study whose train split to augment"
+    )
+    augment.add_argument(
+        "--mlm", required=True, metavar="MODEL",
+        help="a BERT masked-language model (folder or hub id): candidates for single-piece words",
+    )  # fmt: skip
+    augment.add_argument(
+        "--glove", required=True, metavar="FILE",
+        help="GloVe vectors (word v1 v2 ... per line): neighbours for multi-piece words",
+    )  # fmt: skip
+    augment.add_argument(
+        "--out", metavar="FILE", help="where to write it (default: the spec's data.train_augmented)"
+    )
+    augment.add_argument("--seed", type=int, default=42, help="the random seed (default 42)")
+    augment.add_argument(
+        "--n", type=_positive_int, metavar="N",
+        help="augmented sentences per input (default: TinyBERT's per task: 30 RTE/MRPC/CoLA, "
+        "20 SST-2/QNLI, 10 QQP)",
+    )  # fmt: skip
+    augment.add_argument(
+        "--m", type=_positive_int, default=15, metavar="M", help="candidates per word (default 15)"
+    )
+    augment.add_argument(
+        "--p", type=_probability, default=0.4, metavar="P",
+        help="probability to replace a word (default 0.4)",
+    )  # fmt: skip
+    augment.add_argument(
+        "--device", default="cpu", help="device of the masked-language model (default cpu)"
     )
     return parser
 
@@ -303,6 +338,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability (0 to 1)")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -319,6 +364,9 @@ def _configure_logging(verbose: bool) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Multivariate TPE, set_metric_names and the heartbeat are "experimental" in Optuna;
+    # kdsearch relies on them as they are.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def _explicit_artifacts(args: argparse.Namespace) -> str | None:
@@ -327,32 +375,31 @@ def _explicit_artifacts(args: argparse.Namespace) -> str | None:
     return explicit_artifacts(getattr(args, "artifacts", None))
 
 
+def _storage(args: argparse.Namespace, create: bool = False) -> Any:
+    from kdsearch.service.storage import open_storage, resolve_storage_url
+
+    return open_storage(resolve_storage_url(args.storage), create=create)
+
+
 def _study_create(args: argparse.Namespace) -> int:
-    from kdsearch.service.artifacts import resolve_artifacts
-    from kdsearch.service.spec import load_spec
-    from kdsearch.service.storage import open_storage, redact, resolve_storage_url
-    from kdsearch.service.study import create_or_attach
+    from kdsearch.api import create_study
 
-    # Validate the whole spec (and the location) before touching the storage: bad input
-    # writes nothing.
-    spec = load_spec(args.spec)
-    from kdsearch.workers.preflight import require_study_inputs
-
-    require_study_inputs(spec, args.spec)  # data and model files, before anything is stored
-    explicit = _explicit_artifacts(args)
-    location = str(resolve_artifacts(explicit)) if explicit else None
-    url = resolve_storage_url(args.storage)
-    created = create_or_attach(open_storage(url), spec, artifacts=location)
-    verb = "created" if created else "attached to existing"
-    logger.info("%s study %r in %s (budget %d trials)", verb, spec.name, redact(url), spec.n_trials)
+    study = create_study(
+        args.spec, storage=args.storage, artifacts=getattr(args, "artifacts", None)
+    )
+    verb = "created" if study.created else "attached to existing"
+    logger.info(
+        "%s study %r in %s (budget %d trials)", verb, study.name, study.shown_storage,
+        study.spec.n_trials,
+    )  # fmt: skip
     return 0
 
 
 def _study_list(args: argparse.Namespace) -> int:
-    from kdsearch.service.storage import NoStudies, open_storage, resolve_storage_url, study_names
+    from kdsearch.service.storage import NoStudies, study_names
 
     try:
-        names = study_names(open_storage(resolve_storage_url(args.storage), create=False))
+        names = study_names(_storage(args))
     except NoStudies:
         names = []
     for name in names:
@@ -361,14 +408,46 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _study_unhalt(args: argparse.Namespace) -> int:
-    from kdsearch.service.storage import open_storage, resolve_storage_url
-    from kdsearch.service.study import unhalt
+    from kdsearch.service.recovery import unhalt
 
-    storage = open_storage(resolve_storage_url(args.storage), create=False)
-    if unhalt(storage, args.name):
+    if unhalt(_storage(args), args.name):
         logger.info("study %r unhalted: start its workers again", args.name)
     else:
         logger.info("study %r was not halted", args.name)
+    return 0
+
+
+def _study_delete(args: argparse.Namespace) -> int:
+    from kdsearch.service.errors import KdsearchError
+    from kdsearch.service.storage import require_study
+    from kdsearch.service.study import delete_study
+
+    storage = _storage(args)
+    require_study(storage, args.name)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise KdsearchError(
+                f"deleting study {args.name!r} needs a confirmation: pass --yes (it cannot be "
+                "undone)"
+            )
+        typed = input(f"delete study {args.name!r} and all its trials? type its name to confirm: ")
+        if typed.strip() != args.name:
+            raise KdsearchError(f"the name typed was not {args.name!r}; nothing deleted")
+    trials = delete_study(storage, args.name)
+    logger.info(
+        "deleted study %r (%d trials); its artifact files were left in place", args.name, trials
+    )
+    return 0
+
+
+def _study_relocate(args: argparse.Namespace) -> int:
+    from kdsearch.service.artifacts import relocate
+
+    old = relocate(_storage(args), args.name, args.artifacts)
+    logger.info(
+        "study %r now keeps its artifacts in %s (was: %s); copy its files there if you have "
+        "not", args.name, args.artifacts, old or "not recorded",
+    )  # fmt: skip
     return 0
 
 
@@ -382,62 +461,31 @@ def _study_schema(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace, stop: object) -> int:
+    # Checked before anything starts (a bad option exits 2 at once).
+    from kdsearch.service.storage import resolve_storage_url
     from kdsearch.workers.gpus import worker_device
+    from kdsearch.workers.options import WorkerOptions
 
+    options = WorkerOptions.from_cli(args, resolve_storage_url(args.storage))
     # Before torch is imported: with --gpu auto, CUDA must only ever see the claimed GPU.
     with worker_device(
-        args.gpu, args.device, Path(args.gpu_lock_dir), args.workers_per_gpu
+        options.gpu, options.device, Path(options.gpu_lock_dir), options.workers_per_gpu
     ) as device:
+        import dataclasses
+
+        from kdsearch.workers.models import quiet_transformers
         from kdsearch.workers.stopping import GracefulStop
-        from kdsearch.workers.worker import WorkerOptions, run_worker
+        from kdsearch.workers.worker import run_worker
 
-        _quiet_transformers()
+        quiet_transformers()
         assert isinstance(stop, GracefulStop)
-        from kdsearch.service.storage import resolve_storage_url
-
-        options = WorkerOptions(
-            storage_url=resolve_storage_url(args.storage),
-            study_name=args.study,
-            artifacts=_explicit_artifacts(args),
-            cache_dir=args.cache_dir and Path(args.cache_dir),
-            device=device,
-            threads=args.threads,
-            max_trials=args.max_trials,
-            storage_timeout_s=args.storage_timeout,
-            precision=args.precision,
-            mlflow=args.mlflow or None,
-            tensorboard=args.tensorboard or None,
-        )
-        return run_worker(options, stop)
-
-
-def _quiet_transformers() -> None:
-    """Our own logs report loading and progress; transformers' would repeat them."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        return run_worker(dataclasses.replace(options, device=device), stop)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    """optuna-dashboard with kdsearch's storage resolution: the URL (and its password)
-    comes from --storage or the environment and never shows in the process list."""
-    from optuna_dashboard import run_server
+    from kdsearch.service.dashboard import serve
 
-    from kdsearch.service.artifacts import RoutingArtifactStore, readable_store, resolve_artifacts
-    from kdsearch.service.storage import open_storage, redact, resolve_storage_url
-    from kdsearch.service.study import recorded_locations
-
-    url = resolve_storage_url(args.storage)
-    storage = open_storage(url, create=False)
-    explicit = _explicit_artifacts(args)
-    # Every study's own location (the default for a study that recorded none), unless one
-    # is named: the dashboard starts even when some cannot be read, saying which.
-    values = [explicit] if explicit else sorted(set(recorded_locations(storage).values()), key=str)
-    stores = [s for v in values if (s := readable_store(resolve_artifacts(v))) is not None]
-    store = RoutingArtifactStore(stores)
-    logger.info("dashboard on http://%s:%d for %s", args.host, args.port, redact(url))
-    run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    serve(args.storage, _explicit_artifacts(args), args.host, args.port)
     return 0
 
 
@@ -450,19 +498,19 @@ def _report(args: argparse.Namespace) -> int:
         format_json,
         format_markdown,
         pareto_png,
-        summarize,
     )
     from kdsearch.service.spec import DEPTH
-    from kdsearch.service.storage import open_storage, resolve_storage_url
     from kdsearch.service.study import load_stored_spec
+    from kdsearch.service.summary import judge_study, read_records, summarize
 
-    storage = open_storage(resolve_storage_url(args.storage), create=False)
+    storage = _storage(args)
     specs = [load_stored_spec(storage, name) for name in args.study]  # all known, or exit 2
     studies = [optuna.load_study(study_name=s.name, storage=storage) for s in specs]
-    summaries = [summarize(study, spec) for study, spec in zip(studies, specs, strict=True)]
+    records = [read_records(study) for study in studies]
+    judged = [judge_study(r, s, study) for r, s, study in zip(records, specs, studies, strict=True)]
+    summaries = [summarize(r, s, j) for r, s, j in zip(records, specs, judged, strict=True)]
     formatter = {"md": format_markdown, "csv": format_csv, "json": format_json}[args.format]
     text = formatter(summaries)
-    sys.stdout.write(text.rstrip("\n") + "\n")
     if args.out:
         from kdsearch.service.errors import InfrastructureError, first_line
 
@@ -470,16 +518,17 @@ def _report(args: argparse.Namespace) -> int:
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"report.{args.format}").write_text(text)
-            for study, spec in zip(studies, specs, strict=True):
-                pareto_png(study, spec, out / f"{spec.name}-pareto.png")
+            for i, (study, spec) in enumerate(zip(studies, specs, strict=True)):
+                pareto_png(study, spec, judged[i], summaries[i], out / f"{spec.name}-pareto.png")
                 if DEPTH in spec.search_space:
-                    depth_png(study, spec, out / f"{spec.name}-depth.png")
+                    depth_png(records[i], spec, out / f"{spec.name}-depth.png")
         except OSError as exc:
             raise InfrastructureError(
                 f"cannot write the report to {str(out)!r}: {first_line(exc)}; give a writable "
                 "--out folder"
             ) from None
         logger.info("wrote the report and %d Pareto plots to %s", len(specs), out)
+    sys.stdout.write(text.rstrip("\n") + "\n")
     return 0
 
 
@@ -487,54 +536,76 @@ def _export(args: argparse.Namespace) -> int:
     import json
 
     from kdsearch.service.storage import resolve_storage_url
-    from kdsearch.workers.export import export_student
+    from kdsearch.workers.export import ExportRequest, export_student
+    from kdsearch.workers.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     card = export_student(
-        resolve_storage_url(args.storage),
-        args.study,
-        Path(args.out),
-        _explicit_artifacts(args),
-        cache_dir=args.cache_dir and Path(args.cache_dir),
-        trial_number=args.trial,
-        device_name=args.device,
+        ExportRequest(
+            storage_url=resolve_storage_url(args.storage),
+            study=args.study,
+            out=Path(args.out),
+            artifacts=_explicit_artifacts(args),
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            trial=args.trial,
+            device=args.device,
+        )
     )
     sys.stdout.write(json.dumps(card, indent=2) + "\n")
+    return 0
+
+
+def _predictions(args: argparse.Namespace) -> int:
+    from kdsearch.api import load_study
+
+    written = load_study(args.study, storage=args.storage).prediction_files(
+        args.trial, Path(args.out), artifacts=_explicit_artifacts(args)
+    )
+    for path in written:
+        sys.stdout.write(f"{path}\n")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     import optuna
 
+    from kdsearch.service.artifacts import recorded_locations
+    from kdsearch.service.recovery import halted_reason
     from kdsearch.service.status import (
-        configuration_table,
+        answer_line,
+        configuration_text,
         format_json,
         format_table,
         trial_rows,
     )
-    from kdsearch.service.storage import open_storage, resolve_storage_url
     from kdsearch.service.study import load_stored_spec
+    from kdsearch.service.summary import judge_study, read_records, summarize
 
-    storage = open_storage(resolve_storage_url(args.storage), create=False)
+    storage = _storage(args)
     spec = load_stored_spec(storage, args.study)
     study = optuna.load_study(study_name=spec.name, storage=storage)
     if args.watch is not None:
         return _watch(study, spec, storage, args.watch)
-    configs = configuration_table(study, spec)
-    rows = trial_rows(study, list(spec.search_space))
+    records = read_records(study)
+    summary = summarize(records, spec, judge_study(records, spec, study))
+    rows = trial_rows(records, spec)
     if args.format == "json":
-        sys.stdout.write(format_json(configs if args.configurations else rows) + "\n")
+        if args.configurations:
+            payload: Any = [c.flat() for c in summary.configurations]
+        else:
+            payload = rows
+        sys.stdout.write(format_json(payload) + "\n")
         return 0
-    from kdsearch.service.study import halted_reason, recorded_locations
-
     text = format_table(rows)
     if args.configurations or spec.replicates.max_seeds > 1:
-        text = "configurations (mean ± sd over seeds [confidence bounds]):\n"
-        text += format_table(configs)
+        text = (
+            "configurations (search seeds: mean ± sd [confidence bounds]; held-out seeds apart):\n"
+        )
+        text += configuration_text(summary)
         if not args.configurations:
             text += "\n\ntrials:\n" + format_table(rows)
     location = recorded_locations(storage).get(spec.name) or "not recorded yet (no worker ran)"
-    footer = f"\n\nartifacts: {location}\n"
+    footer = f"\n\n{answer_line(summary)}\nartifacts: {location}\n"
     if reason := halted_reason(storage, spec.name):
         footer += f"HALTED: {reason}\n"
     sys.stdout.write(text + footer)
@@ -546,22 +617,21 @@ def _watch(study: Any, spec: Any, storage: Any, every_s: float) -> int:
     database is waited for (the workers wait for it too)."""
     import time
 
+    from kdsearch.service.recovery import halted_reason
     from kdsearch.service.status import live_view, study_finished
     from kdsearch.service.storage import with_reconnect
-    from kdsearch.service.study import halted_reason
+    from kdsearch.service.summary import judge_study, read_records, summarize
+
+    def look() -> tuple[str, bool, str | None]:
+        records = read_records(study)
+        judged = judge_study(records, spec, study)
+        text = live_view(records, summarize(records, spec, judged), spec)
+        return text, study_finished(records, judged, spec), halted_reason(storage, spec.name)
 
     clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
     try:
         while True:
-            text, done, halted = with_reconnect(
-                lambda: (
-                    live_view(study, spec),
-                    study_finished(study, spec),
-                    halted_reason(storage, spec.name),
-                ),
-                "reading the study",
-                600.0,
-            )
+            text, done, halted = with_reconnect(look, "reading the study", 600.0)
             stamp = time.strftime("%H:%M:%S")
             sys.stdout.write(f"{clear}{stamp}  {text}\n" + ("" if clear else "\n"))
             sys.stdout.flush()
@@ -595,10 +665,43 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _augment(args: argparse.Namespace) -> int:
+    from kdsearch.workers.augment import AugmentRequest, augment_study
+    from kdsearch.workers.models import quiet_transformers
+
+    quiet_transformers()
+    written, rows = augment_study(
+        AugmentRequest(
+            spec=Path(args.spec), mlm=args.mlm, glove=Path(args.glove),
+            out=Path(args.out) if args.out else None, seed=args.seed, n=args.n, m=args.m,
+            p=args.p, device=args.device,
+        )
+    )  # fmt: skip
+    logger.info("wrote %d augmented train rows to %s", rows, written)
+    return 0
+
+
 def _early_stop(signum: int, frame: FrameType | None) -> None:
     """SIGTERM / SIGINT before a command has set up its own handling: nothing is under
     way yet, so stop at once and cleanly."""
     raise SystemExit(0)
+
+
+HANDLERS = {
+    ("study", "create"): _study_create,
+    ("study", "list"): _study_list,
+    ("study", "schema"): _study_schema,
+    ("study", "unhalt"): _study_unhalt,
+    ("study", "delete"): _study_delete,
+    ("study", "relocate"): _study_relocate,
+    ("status", None): _status,
+    ("score", None): _score,
+    ("dashboard", None): _dashboard,
+    ("report", None): _report,
+    ("export", None): _export,
+    ("predictions", None): _predictions,
+    ("augment", None): _augment,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -618,18 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop = GracefulStop()
             with stop.installed():
                 return _worker(args, stop)
-        handlers = {
-            ("study", "create"): _study_create,
-            ("study", "list"): _study_list,
-            ("study", "schema"): _study_schema,
-            ("study", "unhalt"): _study_unhalt,
-            ("status", None): _status,
-            ("score", None): _score,
-            ("dashboard", None): _dashboard,
-            ("report", None): _report,
-            ("export", None): _export,
-        }
-        return handlers[command](args)
+        return HANDLERS[command](args)
     except KdsearchError as exc:
         # A problem the user can fix: one clear message, no traceback, no timestamp.
         sys.stderr.write(f"kdsearch: error: {exc}\n")

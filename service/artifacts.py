@@ -1,4 +1,5 @@
-"""Where study assets and trial artifacts live: a folder, or an S3-compatible bucket.
+"""Where study assets and trial artifacts live: a folder, or an S3-compatible bucket; which
+location each study records; and a trial's files stored all or nothing.
 
 A folder serves one machine, or many when every worker mounts the same shared filesystem
 (NFS, a Docker volume). ``s3://BUCKET/PREFIX`` serves workers on any machine that can
@@ -30,12 +31,16 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kdsearch.service.errors import InfrastructureError, KdsearchError, first_line
+from kdsearch.service.faults import fault_point
 
 if TYPE_CHECKING:
+    import optuna
     from optuna.artifacts._protocol import ArtifactStore
+
+    from kdsearch.service.storage import KdsearchStorage
 
 logger = logging.getLogger(__name__)
 
@@ -340,3 +345,152 @@ class _PrefixedBoto3Store:
 
     def remove(self, artifact_id: str) -> None:
         self._store.remove(self._key(artifact_id))
+
+
+# --- the location a study records -------------------------------------------------------
+
+
+def check_location(location: ArtifactLocation) -> None:
+    """Refuse a location that cannot hold a study's files, before it is recorded: a folder
+    must be (or become) a writable folder, a bucket must answer."""
+    if location.folder is not None:
+        if location.folder.exists() and not location.folder.is_dir():
+            raise InfrastructureError(
+                f"artifact location {str(location)!r} is a file, not a folder; give a folder "
+                f"(--artifacts or ${ARTIFACTS_ENV})"
+            )
+        try:
+            require_writable(location.folder / "optuna")
+        except OSError as exc:
+            raise InfrastructureError(
+                f"cannot use the artifact folder {str(location)!r}: {first_line(exc)}; give a "
+                f"writable folder (--artifacts or ${ARTIFACTS_ENV})"
+            ) from None
+    else:
+        S3Bucket(location)  # raises, naming the bucket, when it cannot be reached
+
+
+def _recorded(storage: KdsearchStorage, study_id: int) -> str | None:
+    from kdsearch.service.record import StudyAttr
+
+    return storage.get_study_user_attrs(study_id).get(StudyAttr.ARTIFACTS)
+
+
+def record_location(storage: KdsearchStorage, study_id: int, name: str, location: str) -> None:
+    """Record ``location`` as the study's artifact location, unless it has another one.
+    Callers hold the study's critical section."""
+    from kdsearch.service.record import STUDY_KEYS, StudyAttr, check_keys
+
+    recorded = _recorded(storage, study_id)
+    if recorded is None:
+        check_keys({StudyAttr.ARTIFACTS}, STUDY_KEYS)
+        storage.set_study_user_attr(study_id, StudyAttr.ARTIFACTS, location)
+        logger.info("study %s keeps its artifacts in %s", name, location)
+    elif recorded != location:
+        raise KdsearchError(
+            f"artifact location {location!r} is not the one study {name!r} uses ({recorded!r}); "
+            "drop --artifacts (and $KDSEARCH_ARTIFACTS) to use the study's, or move the study "
+            f"with `kdsearch study relocate {name} --artifacts {location}`"
+        )
+
+
+def study_artifacts(
+    storage: KdsearchStorage, name: str, explicit: str | None, worker: bool = False
+) -> ArtifactLocation:
+    """Where study ``name``'s artifacts are: ``explicit`` (``--artifacts`` or
+    ``$KDSEARCH_ARTIFACTS``), else the location the study recorded, else the default.
+
+    A ``worker`` naming another location than the one its study recorded is refused: one
+    study's files never scatter over two places (readers may name another location: the
+    files may have moved)."""
+    from kdsearch.service.storage import require_study
+
+    require_study(storage, name)
+    study_id = storage.get_study_id_from_name(name)
+    recorded = _recorded(storage, study_id)
+    location = resolve_artifacts(explicit or recorded)
+    if worker and recorded is not None and str(location) != recorded:
+        record_location(storage, study_id, name, str(location))  # refuses, naming both
+    return location
+
+
+def record_study_location(storage: KdsearchStorage, name: str, location: ArtifactLocation) -> None:
+    """Record where a study's worker keeps its artifacts (once it could open them), unless
+    the study has a location already."""
+    from kdsearch.service.storage import critical_section
+
+    with critical_section(storage, name):
+        record_location(storage, storage.get_study_id_from_name(name), name, str(location))
+
+
+def relocate(storage: KdsearchStorage, name: str, new: str) -> str | None:
+    """Record ``new`` as study ``name``'s artifact location (after checking it can hold
+    files), returning the old one. The files themselves are the operator's to copy: the
+    trials' artifact ids stay the same, so a copied folder or bucket serves them as is."""
+    from kdsearch.service.record import StudyAttr
+    from kdsearch.service.storage import critical_section, require_study
+
+    require_study(storage, name)
+    location = resolve_artifacts(new)
+    check_location(location)
+    study_id = storage.get_study_id_from_name(name)
+    with critical_section(storage, name):
+        old = _recorded(storage, study_id)
+        storage.set_study_user_attr(study_id, StudyAttr.ARTIFACTS, str(location))
+        # The teacher's prediction files are uploaded again, to the new place, by the next
+        # worker (their record names the location they were uploaded to).
+    return old
+
+
+def recorded_locations(storage: optuna.storages.BaseStorage) -> dict[str, str | None]:
+    """Each study's recorded artifact location (None where none is recorded)."""
+    from kdsearch.service.record import StudyAttr
+
+    return {s.study_name: s.user_attrs.get(StudyAttr.ARTIFACTS) for s in storage.get_all_studies()}
+
+
+# --- a trial's files, all or nothing ----------------------------------------------------
+
+
+def store_files(
+    store: ArtifactStore, files: dict[str, Path], where: str
+) -> dict[str, dict[str, Any]]:
+    """Write ``files`` (by name) to the artifact store, each under a new artifact id;
+    returns Optuna's artifact metadata by name. Nothing is registered here: the caller
+    writes the metadata with the trial's outcome, in one transaction. If a write fails (a
+    full disk, an unreachable bucket), what was written is removed again and
+    ``InfrastructureError`` names the store: no truncated or unreferenced file is left."""
+    import mimetypes
+
+    written: list[str] = []
+    metas: dict[str, dict[str, Any]] = {}
+    try:
+        for name, path in files.items():
+            artifact_id = str(uuid.uuid4())
+            written.append(artifact_id)
+            with open(path, "rb") as handle:
+                store.write(artifact_id, handle)
+            fault_point("in-store")
+            mimetype, encoding = mimetypes.guess_type(name)
+            metas[name] = {
+                "artifact_id": artifact_id,
+                "filename": name,
+                "mimetype": mimetype or "application/octet-stream",
+                "encoding": encoding,
+            }
+    except Exception as exc:  # a read-only or full folder, an unreachable bucket
+        remove_files(store, written)
+        raise InfrastructureError(
+            f"cannot write to the artifact store {where!r}: {first_line(exc)}. Make it "
+            "writable (or give another --artifacts) and start the worker again"
+        ) from None
+    return metas
+
+
+def remove_files(store: ArtifactStore, artifact_ids: list[str]) -> None:
+    """Remove artifacts (best effort: what cannot be removed now is logged)."""
+    for artifact_id in artifact_ids:
+        try:
+            store.remove(artifact_id)
+        except Exception as exc:
+            logger.warning("could not remove artifact %s: %s", artifact_id, first_line(exc))

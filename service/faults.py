@@ -1,14 +1,19 @@
 """Fault points: named places in the worker where a test can pause it, to kill it (or stop
 the database) at exactly that moment. Inert unless ``$KDSEARCH_FAULT`` names the point.
 
-``KDSEARCH_FAULT=after-ask:pause=30`` makes a worker sleep 30 s when it reaches the point
-``after-ask``; ``after-ask@3:pause=30`` only the third time it does. With
+``KDSEARCH_FAULT=after-claim:pause=30`` makes a worker sleep 30 s when it reaches the point
+``after-claim``; ``after-claim@3:pause=30`` only the third time it does. The points:
+``in-claim`` (inside the claim's transaction), ``after-claim`` (the claim committed, its
+sampling not done), ``before-record`` (the trial trained, nothing recorded yet),
+``in-create`` (inside ``study create``'s transaction), ``in-store`` (an artifact written,
+the next not yet). ``in-store@2:raise=enospc`` raises "No space left on device" there. With
 ``$KDSEARCH_FAULT_REACHED`` set to a file path, the point's name is written there first,
 so the test knows the worker is in place.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -39,3 +44,5 @@ def fault_point(name: str) -> None:
         Path(reached).write_text(name)
     if action.startswith("pause="):
         time.sleep(float(action.removeprefix("pause=")))
+    if action == "raise=enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -1,63 +1,72 @@
-"""Seed replicates: each configuration's seeds, its aggregates and verdict, and racing
+"""Seed replicates: each configuration's seeds, its intervals and verdict, and racing
 (which configurations get another seed). Pure functions of trial records and the spec: no
 database, no clock, like ``service/pruning.py``.
 
-The statistics, and why:
+The statistics, and why (measured by ``experiments/answer_reliability.py``,
+``docs/answer-reliability.md``):
 
-- A **configuration** is a set of searched hyperparameter values; each of its
+- A **configuration** is a set of searched hyperparameter values; each of its search
   **replicates** is a trial with those values and its own training seed. Replicate k runs
-  seed ``replicate_seed(spec.seed, k)``, the same list for every configuration (common
-  random numbers: two configurations are compared on the same seeds).
-- The **noise** of sigma (and of the accuracy drop) between seeds is estimated by pooling
-  the within-configuration variance of every configuration with two or more finished
-  seeds (one-way ANOVA's residual variance, ``df = sum(n_i - 1)``). One pooled estimate,
-  not one per configuration, because with 2-3 seeds a per-configuration sd is too rough
-  to bound anything (its own 90% interval spans a factor of 4), and the seed noise of a
-  training recipe is of one order across the configurations a study compares (the
-  paper's reruns: +-0.005-0.015 in sigma).
-- A configuration's **interval** for each objective is ``mean +- t(q, df) * s_pooled /
-  sqrt(n)``, with ``q = (1 + confidence) / 2``. Until some configuration has two finished
-  seeds there is no noise estimate and every verdict is ``uncertain``: racing then gives
-  the first configurations (the baseline first) their second seed.
-- **Verdict**: ``feasible`` when both upper bounds are within the thresholds,
-  ``infeasible`` when a lower bound is beyond one, ``uncertain`` otherwise. With
-  ``max_seeds: 1`` (no replicates) the verdict is the point estimate's, as Optuna's
-  constraints mark the trial.
+  ``replicate_seed(spec.seed, k)``, the same list for every configuration (common random
+  numbers). Confirmation seeds (``service/confirmation.py``) are kept apart.
+- **Each configuration is judged on its own noise.** Seed noise differs 20-65x between
+  configurations (a collapsing, untrained configuration is bimodal; trained ones move by
+  0.001-0.0025 in sigma), so one pooled sd would be wrong for most of them. A
+  configuration's variance is its own sample variance (df ``n - 1``), shrunk toward a
+  **prior** fitted to the *comparable* configurations (two or more seeds, not the
+  baseline, not pruned, mean sigma within ``2 * sigma_max``; three of them at least) by
+  empirical Bayes (``fit_prior``, limma's moderated variances): its location ``s0^2`` is
+  a mean of log variances (the noisiest configuration does not set everyone's prior),
+  its weight ``nu0`` is small when their variances differ more than sampling explains,
+  and at most ``PRIOR_DF`` (they are comparable, not identical);
+  ``s^2 = (nu0 s0^2 + (n - 1) s^2_own) / (nu0 + n - 1)`` with ``df = nu0 + n - 1``, and
+  a **floor** on the sd (two identical seeds do not make an interval of zero width).
+  ``mean +- t((1 + confidence) / 2, df) * s / sqrt(n)``.
+- **The accuracy drop** of a configuration is ``reference - its mean dev accuracy``: the
+  teacher's dev accuracy (exact), or the **baseline's mean over its seeds**, whose own
+  uncertainty enters every drop's interval (Welch's degrees of freedom). Each trial's
+  recorded drop is against the reference known when it was claimed; configurations are
+  judged against the current one.
+- **Verdict**: ``feasible`` when both upper bounds are within the thresholds (never on one
+  seed), ``infeasible`` when a lower bound is beyond one (on one seed only when it is
+  clearly beyond: its interval from the prior alone, or, without a prior yet, sigma above
+  ``2 * sigma_max`` or a drop 5 points beyond its limit), ``uncertain`` otherwise. With
+  ``max_seeds: 1`` (no replicates) the verdict is the point estimate's, as the trial's
+  constraints mark it, and nothing is confirmed.
 - **Racing**: another seed (up to ``max_seeds``, one pending at a time) for every
-  configuration that is not infeasible and not clearly dominated by a confirmed-feasible
-  one (whose upper bounds are at or below its lower bounds in both objectives): the
-  uncertain ones, and the feasible ones that could still be on the feasible front, whose
-  place there the next seed checks. New configurations start with ``initial_seeds``.
+  configuration that is not infeasible and not clearly dominated by a feasible one (whose
+  upper bounds are at or below its lower bounds in both objectives). New configurations
+  start with ``initial_seeds``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from optuna.trial import TrialState
 
-from kdsearch.service.hashing import stable_hash, stable_int
 from kdsearch.service.record import TrialRecord
 from kdsearch.service.spec import StudySpec
+from kdsearch.service.trial_config import Role, config_id
 
 Verdict = Literal["feasible", "infeasible", "uncertain"]
 
-
-def config_id(params: Mapping[str, Any]) -> str:
-    """A configuration's name: the stable hash of its searched values."""
-    return stable_hash({k: params[k] for k in sorted(params)}, length=12)
-
-
-def replicate_seed(study_seed: int, replicate: int) -> int:
-    """The training seed of replicate ``replicate`` of every configuration: the study's
-    seed for the first, then a fixed sequence derived from it."""
-    if replicate == 0:
-        return study_seed
-    return stable_int([study_seed, "replicate", replicate], bits=32)
+# The most degrees of freedom the prior counts for: the configurations it pools are
+# comparable, not identical, so many of them do not make it exact for any one.
+PRIOR_DF = 4.0
+# A prior needs the variances of this many comparable configurations (their spread is
+# what says how much the prior is worth).
+MIN_PRIOR_CONFIGS = 3
+# sd floors: sigma (a fifth of the smallest seed sd measured on trained configurations,
+# 0.0025-0.001), and the dev accuracy (half a dev row).
+SIGMA_SD_FLOOR = 0.0002
+# One seed is "clearly beyond" a threshold without a prior at these distances.
+CLEARLY_BEYOND_SIGMA = 2.0  # x sigma_max
+CLEARLY_BEYOND_DROP = 0.05  # + accuracy_drop_max
 
 
 @dataclass(frozen=True)
@@ -65,15 +74,31 @@ class Interval:
     mean: float
     low: float
     high: float
+    sd: float  # the per-seed sd the interval uses (shrunk, floored; of the accuracy for a drop)
+    df: float
 
 
 @dataclass(frozen=True)
-class Noise:
-    """The pooled seed-to-seed standard deviations, and their degrees of freedom."""
+class Seeds:
+    """Finished runs of one configuration on one kind of seed (search or held out)."""
 
-    sigma_sd: float
-    drop_sd: float
-    df: int
+    trials: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # student dev accuracy
+
+    @property
+    def n(self) -> int:
+        return len(self.trials)
+
+    def add(self, record: TrialRecord, seed: int) -> Seeds:
+        assert record.outcome is not None
+        return Seeds(
+            [*self.trials, record.number],
+            [*self.seeds, seed],
+            [*self.sigmas, _sigma(record)],
+            [*self.accuracies, record.outcome.student_dev_accuracy],
+        )
 
 
 @dataclass(frozen=True)
@@ -83,80 +108,376 @@ class Configuration:
     config: str
     params: dict[str, Any]
     baseline: bool
-    trials: list[int]  # finished (COMPLETE) replicates
-    seeds: list[int]
-    sigmas: list[float]
-    drops: list[float]
-    replicates: int  # replicates made so far, finished or not (the next one's index)
-    pending: int  # replicates queued or running
+    search: Seeds  # finished search replicates (COMPLETE, or degenerate)
+    confirmation: Seeds  # finished held-out seeds
+    replicates: int  # search replicates made so far, finished or not (the next index)
+    confirmations: int  # confirmation seeds made so far, finished or not
+    pending: int  # search replicates queued or running
+    pending_confirmations: int
     pruned: bool  # its first replicate was pruned: no more seeds
     sigma: Interval | None = None
     drop: Interval | None = None
     verdict: Verdict = "uncertain"
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    # the search figures, as the tables show them
+    @property
+    def trials(self) -> list[int]:
+        return self.search.trials
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.search.seeds
+
+    @property
+    def sigmas(self) -> list[float]:
+        return self.search.sigmas
 
     @property
     def n(self) -> int:
-        return len(self.trials)
+        return self.search.n
 
     @property
     def sigma_mean(self) -> float:
-        return _mean(self.sigmas)
+        return _mean(self.search.sigmas)
 
     @property
-    def drop_mean(self) -> float:
-        return _mean(self.drops)
+    def accuracy_mean(self) -> float:
+        return _mean(self.search.accuracies)
 
     @property
     def sigma_sd(self) -> float | None:
-        return _sd(self.sigmas)
+        return _sd(self.search.sigmas)
 
     @property
-    def drop_sd(self) -> float | None:
-        return _sd(self.drops)
+    def accuracy_sd(self) -> float | None:
+        return _sd(self.search.accuracies)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The dev accuracy drops are measured against, with its uncertainty."""
+
+    kind: Literal["teacher", "baseline"]
+    accuracy: float | None  # None: not known yet (the baseline has no finished seed)
+    se: float = 0.0  # standard error of ``accuracy`` (0: exact, the teacher)
+    df: float = math.inf
+    n: int = 0
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The seed variance typical of comparable configurations, per objective, and how many
+    degrees of freedom it is worth (its ``df``: small when their variances disagree)."""
+
+    sigma_var: float
+    sigma_df: float
+    accuracy_var: float
+    accuracy_df: float
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The comparable configurations' own variances, from which a prior is fitted: the
+    whole pool for the search, the pool without a configuration for its confirmation
+    (its search seeds selected it)."""
+
+    members: tuple[tuple[str, int, float, float], ...] = ()  # (config, df, var sigma, var acc)
+    accuracy_floor: float = 0.0
+
+    def prior(self, without: str | None = None) -> Prior | None:
+        kept = [m for m in self.members if m[0] != without]
+        sigma = fit_prior([(m[2], m[1]) for m in kept], SIGMA_SD_FLOOR)
+        accuracy = fit_prior([(m[3], m[1]) for m in kept], self.accuracy_floor)
+        if sigma is None or accuracy is None:
+            return None
+        return Prior(sigma[0], sigma[1], accuracy[0], accuracy[1])
+
+
+def fit_prior(variances: Sequence[tuple[float, int]], floor: float) -> tuple[float, float] | None:
+    """Empirical Bayes for variances (Smyth 2004, limma's ``fitFDist``): the prior
+    variance ``s0^2`` and its degrees of freedom ``d0`` from the log sample variances
+    ``(var, df)`` of several configurations. ``d0`` is large when they agree as closely as
+    sampling alone allows, small when their true variances differ (20-65x across these
+    studies: then each configuration mostly keeps its own); capped at ``PRIOR_DF``. None
+    below ``MIN_PRIOR_CONFIGS`` configurations. The location is a mean of log variances, so
+    the noisiest configuration does not set every other's prior."""
+    if len(variances) < MIN_PRIOR_CONFIGS:
+        return None
+    from scipy.special import digamma, polygamma
+
+    e = [
+        math.log(max(var, floor**2, 1e-30)) - float(digamma(df / 2)) + math.log(df / 2)
+        for var, df in variances
+    ]
+    mean = _mean(e)
+    spread = _var(e) or 0.0
+    excess = spread - _mean([float(polygamma(1, df / 2)) for _, df in variances])
+    if excess <= 0:
+        return math.exp(mean), PRIOR_DF
+    d0 = 2 * trigamma_inverse(excess)
+    s0 = math.exp(mean + float(digamma(d0 / 2)) - math.log(d0 / 2))
+    return s0, min(d0, PRIOR_DF)
+
+
+def trigamma_inverse(x: float) -> float:
+    """y with trigamma(y) = x (limma's ``trigammaInverse``: Newton's method)."""
+    from scipy.special import polygamma
+
+    if x > 1e7:
+        return 1 / math.sqrt(x)
+    if x < 1e-6:
+        return 1 / x
+    y = 0.5 + 1 / x
+    for _ in range(50):
+        tri = float(polygamma(1, y))
+        step = tri * (1 - tri / x) / float(polygamma(2, y))
+        y += step
+        if -step / y < 1e-8:
+            break
+    return y
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Every configuration with its verdict, and what they were judged against."""
+
+    configurations: list[Configuration]
+    reference: Reference
+    pool: Pool
+    n_dev: int = 1  # dev rows: the accuracy's resolution
+
+    def __iter__(self) -> Any:
+        return iter(self.configurations)
+
+    def __len__(self) -> int:
+        return len(self.configurations)
+
+    def __getitem__(self, index: int) -> Configuration:
+        return self.configurations[index]
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _sd(values: Sequence[float]) -> float | None:
-    """Sample standard deviation (ddof = 1); None below two values."""
+def _var(values: Sequence[float]) -> float | None:
+    """Sample variance (ddof = 1); None below two values."""
     if len(values) < 2:
         return None
     mean = _mean(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
-def pooled_noise(groups: Sequence[tuple[Sequence[float], Sequence[float]]]) -> Noise | None:
-    """The pooled within-group sd of sigma and of the drop over ``(sigmas, drops)`` groups
-    of two or more values; None when no group has two."""
-    df = sum(len(s) - 1 for s, _ in groups if len(s) >= 2)
-    if df == 0:
-        return None
-
-    def pooled(index: int) -> float:
-        total = 0.0
-        for group in groups:
-            values = group[index]
-            if len(values) >= 2:
-                mean = _mean(values)
-                total += sum((v - mean) ** 2 for v in values)
-        return math.sqrt(total / df)
-
-    return Noise(pooled(0), pooled(1), df)
+def _ss(values: Sequence[float]) -> float:
+    """Sum of squared deviations from the mean."""
+    mean = _mean(values)
+    return sum((v - mean) ** 2 for v in values)
 
 
-def _t_quantile(q: float, df: int) -> float:
+def _sd(values: Sequence[float]) -> float | None:
+    var = _var(values)
+    return None if var is None else math.sqrt(var)
+
+
+@functools.lru_cache(maxsize=4096)
+def t_quantile(q: float, df: float) -> float:
+    """Student's t quantile, cached: the same few (q, df) pairs come up claim after claim."""
+    if math.isinf(df):
+        from scipy.stats import norm
+
+        return float(norm.ppf(q))
     from scipy.stats import t
 
     return float(t.ppf(q, df))
 
 
-def _interval(values: Sequence[float], sd: float, df: int, confidence: float) -> Interval:
+def accuracy_sd_floor(n_dev: int) -> float:
+    """Half a dev row: the accuracy moves in steps of 1 / n_dev."""
+    return 0.5 / max(n_dev, 1)
+
+
+def _sigma(r: TrialRecord) -> float:
+    """A finished replicate's sigma; undefined (NaN, or a degenerate run) is infinite."""
+    sigma = r.outcome.sigma if r.outcome is not None else math.nan
+    return math.inf if math.isnan(sigma) else sigma
+
+
+def group(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configuration]:
+    """Every configuration of the study, with its finished seeds, in the order its first
+    replicate was made (not yet judged)."""
+    members: dict[str, list[TrialRecord]] = {}
+    for record in sorted(records, key=lambda r: r.number):
+        if not record.params:
+            continue  # failed before its hyperparameters were drawn
+        key = record.config or config_id(record.params)
+        members.setdefault(key, []).append(record)
+    out = []
+    for key, trials in members.items():
+        search, confirmation = Seeds(), Seeds()
+        replicates = confirmations = pending = pending_confirmations = 0
+        for r in trials:
+            seed = r.seed if r.seed is not None else spec.seed
+            busy = r.state in (TrialState.WAITING, TrialState.RUNNING)
+            # A degenerate replicate (no train input right for both models: sigma
+            # undefined) is a finished run of its configuration, infinitely bad in sigma.
+            done = r.outcome is not None and (r.state == TrialState.COMPLETE or r.degenerate)
+            if r.confirmation:
+                confirmations = max(confirmations, r.replicate + 1)
+                pending_confirmations += busy
+                if done:
+                    confirmation = confirmation.add(r, seed)
+            else:
+                replicates = max(replicates, r.replicate + 1)
+                pending += busy
+                if done:
+                    search = search.add(r, seed)
+        out.append(
+            Configuration(
+                config=key,
+                params=dict(trials[0].params),
+                baseline=any(r.baseline for r in trials),
+                search=search,
+                confirmation=confirmation,
+                replicates=replicates,
+                confirmations=confirmations,
+                pending=pending,
+                pending_confirmations=pending_confirmations,
+                pruned=any(
+                    r.state == TrialState.PRUNED and r.replicate == 0 and not r.degenerate
+                    for r in trials
+                    if not r.confirmation
+                ),
+            )
+        )
+    return out
+
+
+def aggregate(
+    records: Sequence[TrialRecord], spec: StudySpec, teacher_accuracy: float | None = None
+) -> Judged:
+    """Every configuration of the study, judged on its search seeds.
+    ``teacher_accuracy``: the reference of ``accuracy_reference: teacher`` (default: read
+    from the finished trials' outcomes)."""
+    configs = group(records, spec)
+    if teacher_accuracy is None:
+        teacher_accuracy = next(
+            (r.outcome.teacher_dev_accuracy for r in records if r.outcome is not None), None
+        )
+    n_dev = next((r.outcome.dev_n_total for r in records if r.outcome is not None), 1)
+    return judge(configs, spec, teacher_accuracy, n_dev)
+
+
+def judge(
+    configs: Sequence[Configuration],
+    spec: StudySpec,
+    teacher_accuracy: float | None,
+    n_dev: int,
+) -> Judged:
+    reference = reference_of(configs, spec, teacher_accuracy, n_dev)
+    pool = pool_of(configs, spec, n_dev)
+    prior = pool.prior()
+    floors = (SIGMA_SD_FLOOR, accuracy_sd_floor(n_dev))
+    judged = [_judge(c, spec, reference, prior, floors) for c in configs]
+    return Judged(judged, reference, pool, n_dev)
+
+
+def reference_of(
+    configs: Sequence[Configuration], spec: StudySpec, teacher: float | None, n_dev: int
+) -> Reference:
+    if spec.thresholds.accuracy_reference == "teacher":
+        return Reference("teacher", teacher)
+    baseline = next((c for c in configs if c.baseline and c.search.n), None)
+    if baseline is None:
+        return Reference("baseline", None)
+    accuracies = baseline.search.accuracies
+    n = len(accuracies)
+    var = _var(accuracies)
+    if var is None:  # one seed: the reference is known, its noise is not
+        return Reference("baseline", _mean(accuracies), math.nan, 0.0, n)
+    sd = max(math.sqrt(var), accuracy_sd_floor(n_dev))
+    return Reference("baseline", _mean(accuracies), sd / math.sqrt(n), n - 1.0, n)
+
+
+def comparable(c: Configuration, spec: StudySpec) -> bool:
+    """Pooled into the others' prior: two seeds or more, not the baseline (often an
+    untrained, bimodal configuration), not pruned, finite and within ``2 * sigma_max``
+    (the far ones collapse, and their noise is not a trained configuration's)."""
+    seeds = c.search
+    return (
+        seeds.n >= 2
+        and not c.baseline
+        and not c.pruned
+        and all(math.isfinite(s) for s in seeds.sigmas)
+        and _mean(seeds.sigmas) <= 2 * spec.thresholds.sigma_max
+    )
+
+
+def pool_of(configs: Sequence[Configuration], spec: StudySpec, n_dev: int) -> Pool:
+    members = tuple(
+        (c.config, c.search.n - 1, _var(c.search.sigmas) or 0.0, _var(c.search.accuracies) or 0.0)
+        for c in configs
+        if comparable(c, spec)
+    )
+    return Pool(members, accuracy_sd_floor(n_dev))
+
+
+def noise_of(
+    seeds: Seeds, prior: Prior | None, floors: tuple[float, float]
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """(sd, df) of sigma's and of the accuracy's seed noise for ``seeds``."""
+    if prior is None:
+        return shrunk(seeds.sigmas, None, 0.0, floors[0]), shrunk(
+            seeds.accuracies, None, 0.0, floors[1]
+        )
+    return (
+        shrunk(seeds.sigmas, prior.sigma_var, prior.sigma_df, floors[0]),
+        shrunk(seeds.accuracies, prior.accuracy_var, prior.accuracy_df, floors[1]),
+    )
+
+
+def shrunk(
+    values: Sequence[float], prior_var: float | None, prior_df: float, floor: float
+) -> tuple[float, float] | None:
+    """(sd, df) of ``values``' seed noise: its own variance shrunk toward the prior,
+    floored; None when neither has any degree of freedom."""
+    own = _var(values)
+    own_df = len(values) - 1
+    if prior_var is None:
+        prior_df = 0.0
+    df = prior_df + own_df
+    if df <= 0:
+        return None
+    var = ((prior_df * (prior_var or 0.0)) + own_df * (own or 0.0)) / df
+    return max(math.sqrt(var), floor), df
+
+
+def interval(values: Sequence[float], sd: float, df: float, confidence: float) -> Interval:
     mean = _mean(values)
-    half = _t_quantile((1 + confidence) / 2, df) * sd / math.sqrt(len(values))
-    return Interval(mean, mean - half, mean + half)
+    half = t_quantile((1 + confidence) / 2, df) * sd / math.sqrt(len(values))
+    return Interval(mean, mean - half, mean + half, sd, df)
+
+
+def drop_interval(
+    accuracies: Sequence[float],
+    accuracy: tuple[float, float] | None,
+    reference: Reference,
+    confidence: float,
+) -> Interval | None:
+    """The interval of ``reference - mean(accuracies)``: the two means' uncertainties
+    added, with Welch-Satterthwaite degrees of freedom."""
+    if reference.accuracy is None or accuracy is None or math.isnan(reference.se):
+        return None
+    sd, df = accuracy
+    own = sd**2 / len(accuracies)
+    ref = reference.se**2
+    total = own + ref
+    if ref == 0:
+        welch = df
+    else:
+        welch = total**2 / (own**2 / df + (ref**2 / reference.df if reference.df > 0 else math.inf))
+    mean = reference.accuracy - _mean(accuracies)
+    half = t_quantile((1 + confidence) / 2, welch) * math.sqrt(total)
+    return Interval(mean, mean - half, mean + half, sd, welch)
 
 
 def verdict_of(sigma: Interval, drop: Interval, sigma_max: float, drop_max: float) -> Verdict:
@@ -167,79 +488,83 @@ def verdict_of(sigma: Interval, drop: Interval, sigma_max: float, drop_max: floa
     return "uncertain"
 
 
-def aggregate(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configuration]:
-    """Every configuration of the study, with its aggregates and verdict, in the order
-    its first replicate was made."""
-    groups: dict[str, list[TrialRecord]] = {}
-    for record in sorted(records, key=lambda r: r.number):
-        if not record.params:
-            continue  # failed before its hyperparameters were drawn
-        key = record.config or config_id(record.params)
-        groups.setdefault(key, []).append(record)
-    raw = []
-    for key, members in groups.items():
-        # A degenerate replicate (no train input right for both models: sigma undefined)
-        # is a finished run of its configuration, infinitely bad in sigma.
-        done = [
-            r
-            for r in members
-            if (r.state == TrialState.COMPLETE and r.values)
-            or (r.degenerate and r.outcome is not None)
-        ]
-        sigmas = [_sigma(r) for r in done]
-        raw.append(
-            Configuration(
-                config=key,
-                params=dict(members[0].params),
-                baseline=any(r.baseline for r in members),
-                trials=[r.number for r in done],
-                seeds=[r.seed if r.seed is not None else spec.seed for r in done],
-                sigmas=sigmas,
-                drops=[r.values[1] if r.values else r.outcome.accuracy_drop for r in done],  # type: ignore[union-attr]
-                replicates=max(r.replicate for r in members) + 1,
-                pending=sum(r.state in (TrialState.WAITING, TrialState.RUNNING) for r in members),
-                pruned=any(r.state == TrialState.PRUNED and r.replicate == 0 for r in members),
-            )
-        )
-    finite = [(c.sigmas, c.drops) for c in raw if all(math.isfinite(s) for s in c.sigmas)]
-    noise = pooled_noise(finite)
-    return [_judge(c, spec, noise) for c in raw]
-
-
-def _sigma(r: TrialRecord) -> float:
-    """A finished replicate's sigma; undefined (NaN, or a degenerate run) is infinite."""
-    sigma = r.values[0] if r.values else math.nan
-    return math.inf if math.isnan(sigma) else sigma
-
-
-def _judge(c: Configuration, spec: StudySpec, noise: Noise | None) -> Configuration:
+def _judge(
+    c: Configuration,
+    spec: StudySpec,
+    reference: Reference,
+    prior: Prior | None,
+    floors: tuple[float, float],
+) -> Configuration:
     limits = spec.thresholds
-    if c.n == 0:
-        verdict: Verdict = "infeasible" if c.pruned else "uncertain"
-        return dataclasses.replace(c, verdict=verdict)
-    if not all(math.isfinite(s) for s in c.sigmas):
-        return dataclasses.replace(c, verdict="infeasible")
-    if spec.replicates.max_seeds == 1 or noise is None:
-        point = Interval(c.sigma_mean, c.sigma_mean, c.sigma_mean)
-        drop = Interval(c.drop_mean, c.drop_mean, c.drop_mean)
+    seeds = c.search
+    if seeds.n == 0:
+        return replace(c, verdict="infeasible" if c.pruned else "uncertain")
+    if not all(math.isfinite(s) for s in seeds.sigmas):
+        return replace(c, verdict="infeasible")
+    point_drop = _point_drop(c, reference)
+    if spec.replicates.max_seeds == 1:
         # No replicates: the point estimate decides, as the trial's constraints do.
-        # Replicates, but no noise estimate yet: nothing is decided.
-        verdict = (
-            verdict_of(point, drop, limits.sigma_max, limits.accuracy_drop_max)
-            if spec.replicates.max_seeds == 1
-            else "uncertain"
-        )
-        return dataclasses.replace(c, verdict=verdict)
+        sigma = Interval(c.sigma_mean, c.sigma_mean, c.sigma_mean, 0.0, 0.0)
+        drop = Interval(point_drop, point_drop, point_drop, 0.0, 0.0)
+        if math.isnan(point_drop):
+            return replace(c, sigma=sigma, verdict="uncertain")
+        verdict = verdict_of(sigma, drop, limits.sigma_max, limits.accuracy_drop_max)
+        return replace(c, sigma=sigma, drop=drop, verdict=verdict)
     confidence = spec.replicates.confidence
-    sigma = _interval(c.sigmas, noise.sigma_sd, noise.df, confidence)
-    drop = _interval(c.drops, noise.drop_sd, noise.df, confidence)
-    verdict = verdict_of(sigma, drop, limits.sigma_max, limits.accuracy_drop_max)
-    return dataclasses.replace(c, sigma=sigma, drop=drop, verdict=verdict)
+    sigma_noise, accuracy_noise = noise_of(seeds, prior, floors)
+    sigma = interval(seeds.sigmas, *sigma_noise, confidence) if sigma_noise else None
+    if c.baseline and reference.kind == "baseline":
+        drop: Interval | None = Interval(0.0, 0.0, 0.0, 0.0, math.inf)  # its own reference
+    else:
+        drop = drop_interval(seeds.accuracies, accuracy_noise, reference, confidence)
+    if seeds.n == 1:
+        return replace(
+            c, sigma=sigma, drop=drop, verdict=_one_seed(c, sigma, drop, point_drop, spec)
+        )
+    if sigma is None or drop is None:
+        clearly = _clearly_beyond(c.sigma_mean, point_drop, spec)
+        return replace(c, sigma=sigma, drop=drop, verdict="infeasible" if clearly else "uncertain")
+    return replace(
+        c, sigma=sigma, drop=drop,
+        verdict=verdict_of(sigma, drop, limits.sigma_max, limits.accuracy_drop_max),
+    )  # fmt: skip
+
+
+def _point_drop(c: Configuration, reference: Reference) -> float:
+    """The drop of ``c``'s mean accuracy against the reference (the baseline's: 0)."""
+    if c.baseline and reference.kind == "baseline":
+        return 0.0
+    if reference.accuracy is None:
+        return math.nan
+    return reference.accuracy - _mean(c.search.accuracies)
+
+
+def _one_seed(
+    c: Configuration,
+    sigma: Interval | None,
+    drop: Interval | None,
+    point_drop: float,
+    spec: StudySpec,
+) -> Verdict:
+    """One seed is never feasible; it is infeasible when clearly beyond a threshold."""
+    limits = spec.thresholds
+    if sigma is not None and sigma.low > limits.sigma_max:
+        return "infeasible"
+    if drop is not None and drop.low > limits.accuracy_drop_max:
+        return "infeasible"
+    return "infeasible" if _clearly_beyond(c.sigma_mean, point_drop, spec) else "uncertain"
+
+
+def _clearly_beyond(sigma: float, drop: float, spec: StudySpec) -> bool:
+    limits = spec.thresholds
+    return sigma > CLEARLY_BEYOND_SIGMA * limits.sigma_max or (
+        not math.isnan(drop) and drop > limits.accuracy_drop_max + CLEARLY_BEYOND_DROP
+    )
 
 
 def dominated(c: Configuration, by: Sequence[Configuration]) -> bool:
-    """Some confirmed-feasible other configuration is better in both objectives even at
-    its worst (upper bounds) than ``c`` at its best (lower bounds)."""
+    """Some feasible other configuration is better in both objectives even at its worst
+    (upper bounds) than ``c`` at its best (lower bounds)."""
     if c.sigma is None or c.drop is None:
         return False
     for other in by:
@@ -257,7 +582,7 @@ def dominated(c: Configuration, by: Sequence[Configuration]) -> bool:
 def seeds_to_queue(
     configs: Sequence[Configuration], spec: StudySpec, free_slots: int
 ) -> list[tuple[Configuration, int]]:
-    """The replicates to queue now, as (configuration, replicate index), at most
+    """The search replicates to queue now, as (configuration, replicate index), at most
     ``free_slots``: the baseline first, then by mean sigma."""
     reps = spec.replicates
     if reps.max_seeds == 1 or free_slots <= 0:
@@ -282,16 +607,9 @@ def seeds_to_queue(
     return queue
 
 
-def best_configuration(configs: Sequence[Configuration]) -> Configuration | None:
-    """The answer a study gives: the confirmed-feasible configuration with the lowest
-    upper bound of sigma (ties: of the drop, then the means). Ranking by the mean would
-    favour the configurations with the fewest seeds, whose means are the least certain
-    (the lowest of many noisy means is biased low); the upper bound is what the
-    configuration is shown to keep. Without intervals (``max_seeds: 1``), the means."""
+def by_config(configs: Sequence[Configuration]) -> Mapping[str, Configuration]:
+    return {c.config: c for c in configs}
 
-    def key(c: Configuration) -> tuple[float, ...]:
-        sigma = c.sigma.high if c.sigma is not None else c.sigma_mean
-        drop = c.drop.high if c.drop is not None else c.drop_mean
-        return (sigma, drop, c.sigma_mean, c.drop_mean)
 
-    return min((c for c in configs if c.verdict == "feasible"), key=key, default=None)
+def role_of(c: Configuration) -> Role:
+    return Role.BASELINE if c.baseline else Role.SEARCH

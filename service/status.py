@@ -1,4 +1,6 @@
-"""``kdsearch status``: one row per trial, as a table or JSON."""
+"""``kdsearch status``: the study's configurations and trials, as tables or JSON, and the
+live view (``--watch``). JSON carries numbers (``null`` where a figure is missing), the
+tables carry text."""
 
 from __future__ import annotations
 
@@ -7,28 +9,32 @@ import json
 import math
 from typing import Any
 
-import optuna
+from optuna.trial import TrialState
 
-from kdsearch.service.racing import aggregate
+from kdsearch.service.confirmation import plan
+from kdsearch.service.racing import Judged
 from kdsearch.service.record import TrialRecord
+from kdsearch.service.report import answer_status, configuration_table, number
 from kdsearch.service.spec import StudySpec
+from kdsearch.service.summary import StudySummary
 
 
-def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, Any]]:
-    """One row per trial; a queued trial (the baseline, a retry) shows the hyperparameters
-    it will run with."""
-    now = datetime.datetime.now()
+def trial_rows(records: list[TrialRecord], spec: StudySpec) -> list[dict[str, Any]]:
+    """One row per trial, with its configuration, role and seed; a queued trial (the
+    baseline, a retry, a seed) shows the hyperparameters it will run with."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        r = TrialRecord.of(t, now)
+    for r in records:
         rows.append(
             {
                 "trial": r.number,
                 "state": r.state.name,
-                "baseline": r.baseline,
-                **{name: r.params.get(name) for name in param_names},
-                "sigma": r.sigma,
-                "accuracy_drop": r.accuracy_drop,
+                "role": r.role.value,
+                "config": r.config,
+                "replicate": r.replicate,
+                "seed": r.seed,
+                **{name: r.params.get(name) for name in spec.search_space},
+                "sigma": _finite(r.sigma),
+                "accuracy_drop": _finite(r.accuracy_drop),
                 "feasible": r.feasible,
                 "host": r.worker_host,
                 "elapsed_s": r.elapsed_s,
@@ -37,13 +43,8 @@ def trial_rows(study: optuna.Study, param_names: list[str]) -> list[dict[str, An
     return rows
 
 
-def configuration_table(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
-    """One row per configuration: its hyperparameters, seeds, sigma and accuracy drop as
-    mean ± sd [confidence bounds], and the verdict."""
-    from kdsearch.service.report import compact_row, configuration_rows
-
-    records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
-    return [compact_row(r) for r in configuration_rows(aggregate(records, spec), spec)]
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
 
 
 def _cell(value: Any) -> str:
@@ -52,9 +53,11 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.6f}" if abs(value) < 1 else f"{value:.4g}"
+        return (
+            number(value)
+            if abs(value) < 1e-3 and value != 0
+            else (f"{value:.6f}" if abs(value) < 1 else f"{value:.4g}")
+        )
     return str(value)
 
 
@@ -74,15 +77,32 @@ def format_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps(rows, indent=2)
 
 
-def live_view(study: optuna.Study, spec: StudySpec, now: datetime.datetime | None = None) -> str:
-    """``kdsearch status --watch``: the budget's trials done, running and queued, the best
-    feasible configuration so far, each running trial's progress, and the time left."""
-    from optuna.trial import TrialState
+def answer_line(summary: StudySummary) -> str:
+    """The study's answer in one line, as every command names it."""
+    a = summary.answer
+    if a is None:
+        return "answer: none yet"
+    params = ", ".join(f"{k}={number(v)}" for k, v in a.params.items()) or "the defaults"
+    return (
+        f"answer: {a.config} ({answer_status(summary)}): {params}; sigma "
+        f"{number(summary.answer_sigma)}, accuracy_drop {number(summary.answer_accuracy_drop)} "
+        f"on {summary.answer_seeds} {'held-out' if summary.answer_confirmed else 'search'} "
+        f"seed(s); export re-trains trial {summary.answer_trial}"
+    )
 
-    from kdsearch.service.racing import best_configuration
 
-    now = now or datetime.datetime.now()
-    records = [TrialRecord.of(t, now) for t in study.get_trials(deepcopy=False)]
+def configuration_text(summary: StudySummary) -> str:
+    return format_table(configuration_table(summary.configurations))
+
+
+def live_view(
+    records: list[TrialRecord],
+    summary: StudySummary,
+    spec: StudySpec,
+    now: datetime.datetime | None = None,
+) -> str:
+    """``kdsearch status --watch``: the budget's trials done, running and queued, the
+    answer so far, each running trial's progress, and the time left."""
     count = {s: sum(r.state == s for r in records) for s in TrialState}
     done = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
     running = [r for r in records if r.state == TrialState.RUNNING]
@@ -90,32 +110,25 @@ def live_view(study: optuna.Study, spec: StudySpec, now: datetime.datetime | Non
         f"study {spec.name}: {done}/{spec.n_trials} trials done "
         f"({count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned), "
         f"{len(running)} running, {count[TrialState.WAITING]} queued, "
-        f"{count[TrialState.FAIL]} failed (retried)"
+        f"{count[TrialState.FAIL]} failed (retried)",
+        answer_line(summary),
     ]
-    best = best_configuration(aggregate(records, spec))
-    if best is None:
-        lines.append("best feasible: none yet")
-    else:
-        params = ", ".join(f"{k}={_cell(v)}" for k, v in best.params.items())
-        lines.append(
-            f"best feasible: {params}: sigma {best.sigma_mean:.4f}, accuracy_drop "
-            f"{best.drop_mean:.4f} ({best.n} seed{'s' if best.n > 1 else ''}, trials "
-            f"{', '.join(map(str, best.trials))})"
-        )
     for r in running:
-        lines.append(f"  trial {r.number} on {r.worker_host or '?'}: {_progress(r)}")
+        lines.append(
+            f"  trial {r.number} ({r.role.value}) on {r.worker_host or '?'}: {_progress(r)}"
+        )
     lines.append(f"time left: {_eta(records, spec, done, len(running))}")
     return "\n".join(lines)
 
 
 def _progress(r: TrialRecord) -> str:
     p = r.progress
-    if not p or not p.get("total"):
+    if p is None or not p.total:
         return f"starting ({_cell(r.elapsed_s)} s)"
-    share = p["step"] / p["total"]
-    text = f"{p['label']} step {p['step']}/{p['total']} ({share:.0%})"
+    share = p.share
+    text = f"{p.label} step {p.step}/{p.total} ({share:.0%})"
     if 0 < share < 1:
-        text += f", about {p['elapsed_s'] / share - p['elapsed_s']:.0f} s to go in it"
+        text += f", about {p.elapsed_s / share - p.elapsed_s:.0f} s to go in it"
     if r.probes:
         last = r.probes[-1]
         text += f"; last probe: sigma {last.sigma:.4f}, drop {last.accuracy_drop:.4f}"
@@ -124,8 +137,6 @@ def _progress(r: TrialRecord) -> str:
 
 def _eta(records: list[TrialRecord], spec: StudySpec, done: int, running: int) -> str:
     """Mean finished-trial time x trials left / trials running at once (at least one)."""
-    from optuna.trial import TrialState
-
     times = [r.elapsed_s for r in records if r.state == TrialState.COMPLETE and r.elapsed_s]
     left = max(spec.n_trials - done, 0)
     if left == 0:
@@ -133,7 +144,7 @@ def _eta(records: list[TrialRecord], spec: StudySpec, done: int, running: int) -
     if not times:
         return f"unknown until a trial finishes ({left} trials left)"
     seconds = sum(times) / len(times) * left / max(running, 1)
-    return f"about {_duration(seconds)} for {left} trials at {max(running, 1)} at a time"
+    return f"about {_duration(seconds)} for at most {left} trials at {max(running, 1)} at a time"
 
 
 def _duration(seconds: float) -> str:
@@ -142,11 +153,12 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s" if m else f"{s} s"
 
 
-def study_finished(study: optuna.Study, spec: StudySpec) -> bool:
-    """The budget is spent and nothing runs or waits: a watch can stop."""
-    from optuna.trial import TrialState
+def study_finished(records: list[TrialRecord], judged: Judged, spec: StudySpec) -> bool:
+    """Nothing runs or waits and the schedule has nothing left to run (the budget is spent,
+    or the answer is confirmed): a watch can stop."""
+    from kdsearch.service.claim import usage_of
 
-    trials = study.get_trials(deepcopy=False)
-    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    busy = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-    return done >= spec.n_trials and not busy
+    if any(r.state in (TrialState.RUNNING, TrialState.WAITING) for r in records):
+        return False
+    step = plan(judged, spec, usage_of(records))
+    return not step.queue and step.new_samples <= 0

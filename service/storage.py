@@ -1,4 +1,5 @@
-"""Where studies live: storage URL resolution, the RDB storage, reconnects and locks.
+"""Where studies live: storage URL resolution, the RDB storage, reconnects, critical
+sections and bulk reads.
 
 Every database connection kdsearch makes is opened here.
 """
@@ -6,12 +7,13 @@ Every database connection kdsearch makes is opened here.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import json
 import logging
 import os
+import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,6 +27,7 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from kdsearch.service.errors import KdsearchError, StorageUnavailable, first_line
 from kdsearch.service.hashing import stable_hash, stable_int
@@ -34,10 +37,22 @@ logger = logging.getLogger(__name__)
 STORAGE_ENV = "KDSEARCH_STORAGE"
 # Embedded default: one SQLite file in the working directory, for a single machine.
 DEFAULT_STORAGE = "sqlite:///kdsearch.db"
+# A critical section (a claim, a study's creation) takes milliseconds to a second; its
+# holder is given this long between two statements before the server ends its session,
+# which releases the lock and rolls back what it did: a frozen holder (SIGSTOP, a swapped
+# out VM) cannot stall the study, and can never complete a claim it no longer holds.
+LOCK_HOLD_S = 30
+# Waiters give up a wait after this long, say so, and try again.
+LOCK_WAIT_S = 60
 
 
 def resolve_storage_url(cli_value: str | None) -> str:
     """``--storage`` wins, then ``$KDSEARCH_STORAGE``, then the embedded SQLite default."""
+    if cli_value is not None and not cli_value.strip():
+        raise KdsearchError(
+            "--storage is empty; give a database URL (postgresql+psycopg2://USER@HOST/DB or "
+            f"sqlite:///FILE), or leave --storage out to use ${STORAGE_ENV} or {DEFAULT_STORAGE}"
+        )
     return cli_value or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
@@ -59,59 +74,82 @@ def _engine_kwargs(url: str) -> dict[str, object]:
     return {
         "pool_pre_ping": True,
         "pool_size": 2,
-        "max_overflow": 2,
+        "max_overflow": 3,
         "pool_recycle": 1800,
         "connect_args": {"connect_timeout": 10},
     }
 
 
 class KdsearchStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage, with one more stale-trial rule.
+    """Optuna's RDB storage, with kdsearch's rules on stale trials and multi-key writes.
 
-    Optuna fails a RUNNING trial whose heartbeat is older than the grace period, but skips
-    a RUNNING trial that has no heartbeat at all: a worker that died (or lost its
-    connection) between claiming a trial and its first beat would leave that trial
-    RUNNING forever. Here such a trial gets its clock started, with the database's own
-    time, the first time any worker looks; if nobody beats for it within the grace
-    period, it is stale like any other.
+    **Stale trials.** Optuna fails a RUNNING trial whose heartbeat is older than the grace
+    period. Here that rule holds only while heartbeats could reach the server:
+
+    - no trial is stale within one grace period of the server's start (PostgreSQL's
+      ``pg_postmaster_start_time``): after a restart, every live worker gets a full grace
+      period to beat again;
+    - a worker that itself lost the database fails nobody's trial within one grace period
+      of its last failed call: a network outage seen by all workers gives the same grace;
+    - a RUNNING trial with no heartbeat at all (its worker died between creating it and
+      its first beat) gets its clock started, with the database's time, the first time a
+      worker looks; if nobody beats for it within the grace period, it is stale.
     """
 
-    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        """Write several user attrs in one transaction: a reader sees all or none of them
-        (a trial's outcome is never half there), in one round trip instead of many."""
-        with _create_scoped_session(self.scoped_session, True) as session:
-            if self.engine.name not in ("postgresql", "sqlite") or not attrs:
-                for key, value in attrs.items():
-                    self._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, trial_id, key, value
-                    )
-                return
-            # One check of the trial and one multi-row upsert, where Optuna's per-key
-            # path runs two statements per key (a trial's outcome is about 30 keys).
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            self.check_trial_is_updatable(trial_id, trial.state)
-            dialect = (
-                sqlalchemy.dialects.postgresql
-                if self.engine.name == "postgresql"
-                else sqlalchemy.dialects.sqlite
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._last_outage = -float("inf")  # time.monotonic() of the last failed call
+        sqlalchemy.event.listen(self.engine, "handle_error", self._note_error)
+        if self.engine.name == "sqlite":
+            _explicit_sqlite_transactions(self.engine)
+
+    # --- outages --------------------------------------------------------------------------
+
+    def _note_error(self, context: Any) -> None:
+        if (
+            context.is_disconnect
+            or isinstance(
+                context.original_exception, sqlalchemy.exc.OperationalError | ConnectionError
             )
-            table = models.TrialUserAttributeModel
-            rows = [
-                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                for key, value in attrs.items()
-            ]
-            insert = dialect.insert(table).values(rows)
-            session.execute(
-                insert.on_conflict_do_update(
-                    index_elements=[table.trial_id, table.key],
-                    set_={"value_json": insert.excluded.value_json},
-                )
-            )
+            or "OperationalError" in type(context.original_exception).__name__
+        ):
+            self._last_outage = time.monotonic()
+
+    def note_outage(self) -> None:
+        """A storage call failed for a reason the engine did not see (connecting)."""
+        self._last_outage = time.monotonic()
+
+    def _calm(self) -> bool:
+        grace = self.grace_period or 0
+        return time.monotonic() - self._last_outage >= grace
+
+    # --- stale trials -----------------------------------------------------------------
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
         self._start_clocks(study_id)
-        return stale
+        if not self._calm():
+            return []
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        with self.engine.connect() as conn:
+            if self.engine.name == "postgresql":
+                started = conn.execute(
+                    sqlalchemy.text("SELECT now() - pg_postmaster_start_time()")
+                ).scalar()
+                if started is not None and started < datetime.timedelta(seconds=grace):
+                    return []  # the server restarted: live workers get a grace to beat again
+            now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+            assert now is not None
+            limit = now.replace(tzinfo=None) - datetime.timedelta(seconds=grace)
+            trial, beat = models.TrialModel, models.TrialHeartbeatModel
+            return list(
+                conn.execute(
+                    sqlalchemy.select(trial.trial_id)
+                    .join(beat, beat.trial_id == trial.trial_id)
+                    .where(trial.study_id == study_id)
+                    .where(trial.state == TrialState.RUNNING)
+                    .where(beat.heartbeat < limit)
+                ).scalars()
+            )
 
     def _start_clocks(self, study_id: int) -> None:
         with self.engine.connect() as conn:
@@ -135,6 +173,159 @@ class KdsearchStorage(optuna.storages.RDBStorage):
                 except sqlalchemy.exc.IntegrityError:
                     conn.rollback()  # its worker (or another checker) wrote one meanwhile
 
+    def trial_state(self, trial_id: int) -> TrialState:
+        """A trial's state, read from the database (never from a cache)."""
+        with self.engine.connect() as conn:
+            state = conn.execute(
+                sqlalchemy.select(models.TrialModel.state).where(
+                    models.TrialModel.trial_id == trial_id
+                )
+            ).scalar()
+        if state is None:
+            raise KeyError(f"trial id {trial_id} does not exist")
+        return TrialState(state) if not isinstance(state, TrialState) else state
+
+    # --- writes of several keys -------------------------------------------------------
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Write several user attrs in one transaction: a reader sees all or none of them
+        (a trial's outcome is never half there), in one round trip instead of many."""
+        self.write_trial(trial_id, attrs, {})
+
+    def write_trial(
+        self, trial_id: int, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
+    ) -> None:
+        """Several user and system attrs of a running trial in one transaction (a trial's
+        outcome with the metadata of its artifacts). Raises Optuna's
+        ``UpdateFinishedTrialError`` when the trial is finished already."""
+        with _create_scoped_session(self.scoped_session, True) as session:
+            if not user_attrs and not system_attrs:
+                return
+            # One check of the trial and one multi-row upsert per table, where Optuna's
+            # per-key path runs two statements per key (an outcome is about 30 keys).
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self.check_trial_is_updatable(trial_id, trial.state)
+            for table, attrs in (
+                (models.TrialUserAttributeModel, user_attrs),
+                (models.TrialSystemAttributeModel, system_attrs),
+            ):
+                if attrs:
+                    session.execute(self._upsert(table, trial_id, attrs))
+
+    def _upsert(self, table: Any, trial_id: int, attrs: Mapping[str, Any]) -> Any:
+        dialect = (
+            sqlalchemy.dialects.postgresql
+            if self.engine.name == "postgresql"
+            else sqlalchemy.dialects.sqlite
+        )
+        rows = [
+            {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+            for key, value in attrs.items()
+        ]
+        insert = dialect.insert(table).values(rows)
+        return insert.on_conflict_do_update(
+            index_elements=[table.trial_id, table.key],
+            set_={"value_json": insert.excluded.value_json},
+        )
+
+    # --- reads of a whole study -------------------------------------------------------
+
+    def read_study(self, study_id: int) -> list[FrozenTrial]:
+        """Every trial of a study in one pass (five queries, not one per trial): what
+        ``status``, ``report`` and the study note read. Optuna's own read builds its ORM
+        objects row by row, which takes seconds at 10,000 trials."""
+        return read_trials(self.engine, study_id)
+
+
+def _explicit_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
+    """pysqlite begins transactions on its own, and breaks SAVEPOINTs: SQLAlchemy's
+    documented recipe makes it emit BEGIN where SQLAlchemy begins one, so a critical
+    section can run in one transaction (``critical_section``)."""
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def read_trials(engine: sqlalchemy.engine.Engine, study_id: int) -> list[FrozenTrial]:
+    """``FrozenTrial``s of ``study_id`` from five bulk queries."""
+    import optuna.distributions as dist
+
+    trial, value = models.TrialModel, models.TrialValueModel
+    params, users, system = (
+        models.TrialParamModel,
+        models.TrialUserAttributeModel,
+        models.TrialSystemAttributeModel,
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.select(
+                trial.trial_id, trial.number, trial.state, trial._datetime_start_utc,
+                trial._datetime_complete_utc,
+            ).where(trial.study_id == study_id).order_by(trial.number)
+        ).all()  # fmt: skip
+        ids = sqlalchemy.select(trial.trial_id).where(trial.study_id == study_id)
+        values: dict[int, dict[int, float]] = {}
+        for trial_id, objective, v, kind in conn.execute(
+            sqlalchemy.select(value.trial_id, value.objective, value.value, value.value_type)
+            .where(value.trial_id.in_(ids))
+        ):  # fmt: skip
+            values.setdefault(trial_id, {})[objective] = value.stored_repr_to_value(v, kind)
+        found: dict[int, dict[str, tuple[float, str]]] = {}
+        for trial_id, name, internal, distribution in conn.execute(
+            sqlalchemy.select(
+                params.trial_id, params.param_name, params.param_value, params.distribution_json
+            ).where(params.trial_id.in_(ids))
+        ):
+            found.setdefault(trial_id, {})[name] = (internal, distribution)
+        by_kind: dict[str, dict[int, dict[str, Any]]] = {"user": {}, "system": {}}
+        for kind, table in (("user", users), ("system", system)):
+            for trial_id, key, raw in conn.execute(
+                sqlalchemy.select(table.trial_id, table.key, table.value_json).where(
+                    table.trial_id.in_(ids)
+                )
+            ):
+                by_kind[kind].setdefault(trial_id, {})[key] = json.loads(raw)
+    parsed: dict[str, Any] = {}  # distribution JSON -> object: a study has a handful
+    out = []
+    for trial_id, number, state, start, complete in rows:
+        param_values, distributions = {}, {}
+        for name, (internal, text) in found.get(trial_id, {}).items():
+            if text not in parsed:
+                parsed[text] = dist.json_to_distribution(text)
+            distributions[name] = parsed[text]
+            param_values[name] = parsed[text].to_external_repr(internal)
+        trial_values = values.get(trial_id)
+        state = state if isinstance(state, TrialState) else TrialState[state]
+        out.append(
+            FrozenTrial(
+                number=number,
+                state=state,
+                value=None,
+                values=[trial_values[k] for k in sorted(trial_values)] if trial_values else None,
+                datetime_start=_local(start),
+                datetime_complete=_local(complete),
+                params=param_values,
+                distributions=distributions,
+                user_attrs=by_kind["user"].get(trial_id, {}),
+                system_attrs=by_kind["system"].get(trial_id, {}),
+                intermediate_values={},
+                trial_id=trial_id,
+            )
+        )
+    return out
+
+
+def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
+    """Optuna stores naive UTC and shows naive local time."""
+    if utc is None:
+        return None
+    return utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
+
 
 def _check_url(url: str) -> sqlalchemy.engine.URL:
     shown = redact(url)
@@ -146,11 +337,26 @@ def _check_url(url: str) -> sqlalchemy.engine.URL:
             "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB or sqlite:///kdsearch.db "
             f"(--storage or ${STORAGE_ENV})"
         ) from None
-    if parsed.get_backend_name() not in ("postgresql", "sqlite", "mysql"):
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite", "mysql"):
         raise KdsearchError(
-            f"storage URL {shown!r} uses backend {parsed.get_backend_name()!r}; "
+            f"storage URL {shown!r} uses backend {backend!r}; "
             "use postgresql+psycopg2://... (many workers) or sqlite:///FILE (one machine)"
         )
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise KdsearchError(
+            f"storage URL {shown!r} is an in-memory SQLite database, which keeps nothing once "
+            "the command ends; give a file, e.g. sqlite:///kdsearch.db"
+        )
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        driver = parsed.get_driver_name()
+        raise KdsearchError(
+            f"storage URL {shown!r} needs the {backend} driver {driver!r}, which is not "
+            f"installed ({first_line(exc)}); install it, or use postgresql+psycopg2://... "
+            "(psycopg2-binary comes with kdsearch) or sqlite:///FILE"
+        ) from None
     return parsed
 
 
@@ -174,58 +380,106 @@ def open_storage(
     grace_period_s: int | None = None,
     stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
     create: bool = True,
+    kind: type[KdsearchStorage] = KdsearchStorage,
 ) -> KdsearchStorage:
     """Connect, or raise one clear error.
 
     ``create``: make Optuna's tables on a fresh database (and the SQLite file). Read-only
     commands pass False: they never write, and a storage without tables raises
     ``NoStudies``. Workers pass the heartbeat settings: they enable Optuna's stale-trial
-    detection, with ``stale_trial_callback`` run on each trial it fails.
+    detection, with ``stale_trial_callback`` run on each trial it fails. ``kind``: a
+    subclass to make (the dashboard's).
     """
     parsed = _check_url(url)
-    if not create:
-        _require_schema(url, parsed)
+    if create and parsed.get_backend_name() == "sqlite":
+        _require_sqlite_folder(url, parsed)
+    _require_optuna_schema(url, parsed, missing_ok=create)
     try:
         with _schema_lock(url):
-            with warnings.catch_warnings():
-                # heartbeat_interval is "experimental" since optuna 2.9; it is what we rely on.
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return KdsearchStorage(
-                    url,
-                    engine_kwargs=_engine_kwargs(url),
-                    heartbeat_interval=heartbeat_interval_s,
-                    grace_period=grace_period_s,
-                    heartbeat_stale_trial_callback=stale_trial_callback,
-                    skip_table_creation=not create,
-                )
+            return kind(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval_s,
+                grace_period=grace_period_s,
+                heartbeat_stale_trial_callback=stale_trial_callback,
+                skip_table_creation=not create,
+            )
+    except RuntimeError as exc:  # optuna: the tables come from a newer (or older) Optuna
+        raise KdsearchError(
+            f"the storage {redact(url)!r} cannot be used by this kdsearch: {first_line(exc)} "
+            "Use the Optuna version that made it, or another database"
+        ) from None
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         raise _unreachable(url, parsed, exc) from None
 
 
-def _require_schema(url: str, parsed: sqlalchemy.engine.URL) -> None:
-    """Raise ``NoStudies`` unless Optuna's tables exist, without creating anything."""
+def _require_sqlite_folder(url: str, parsed: sqlalchemy.engine.URL) -> None:
+    database = Path(parsed.database or "")
+    folder = database.resolve().parent
+    if database.exists():
+        if not os.access(database, os.R_OK | os.W_OK):
+            raise StorageUnavailable(
+                f"the SQLite file {str(database)!r} of {redact(url)!r} is not readable and "
+                "writable by this user; fix its permissions or give another --storage"
+            )
+    elif not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageUnavailable(
+            f"cannot create the SQLite file {str(database)!r} of {redact(url)!r}: its folder "
+            f"{str(folder)!r} {'does not exist' if not folder.is_dir() else 'is read-only'}; "
+            "give a file in a writable folder (--storage or $KDSEARCH_STORAGE)"
+        )
+    if database.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        # SQLite writes its journal beside the file: a read-only folder refuses every write.
+        raise StorageUnavailable(
+            f"the folder {str(folder)!r} of the SQLite file {str(database)!r} is read-only, "
+            "and SQLite writes its journal there; make it writable or move the file"
+        )
+
+
+def _require_optuna_schema(url: str, parsed: sqlalchemy.engine.URL, missing_ok: bool) -> None:
+    """Refuse a database whose tables are not Optuna's (a foreign ``studies`` table), and,
+    unless ``missing_ok``, one without any (raises ``NoStudies``)."""
     shown = redact(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if database in ("", ":memory:") or not Path(database).is_file():
+        if not Path(database).is_file():
+            if missing_ok:
+                return
             raise NoStudies(
                 f"no storage at {shown!r} (the file does not exist): no study has been created "
                 f"there; create one with `kdsearch study create STUDY.yaml`, or give --storage "
                 f"(or ${STORAGE_ENV})"
             )
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_connect_args(url))
     try:
         with engine.connect() as conn:
-            has = sqlalchemy.inspect(conn).has_table("studies")
+            inspector = sqlalchemy.inspect(conn)
+            tables = set(inspector.get_table_names())
+            columns = (
+                {c["name"] for c in inspector.get_columns("studies")}
+                if "studies" in tables
+                else set()
+            )
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise _unreachable(url, parsed, exc) from None
     finally:
         engine.dispose()
-    if not has:
+    if "studies" in tables and not (
+        {"study_id", "study_name"} <= columns and "version_info" in tables
+    ):
+        raise KdsearchError(
+            f"the database {shown!r} has a 'studies' table that is not Optuna's (columns: "
+            f"{', '.join(sorted(columns)) or 'none'}); give kdsearch a database of its own"
+        )
+    if "studies" not in tables and not missing_ok:
         raise NoStudies(
             f"the storage {shown!r} holds no kdsearch study yet; create one with "
             f"`kdsearch study create STUDY.yaml`, or check --storage (or ${STORAGE_ENV})"
         )
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    return {} if url.startswith("sqlite") else {"connect_args": {"connect_timeout": 10}}
 
 
 _SCHEMA_LOCK_KEY = stable_int("kdsearch:schema")  # serialises Optuna's table creation
@@ -238,9 +492,7 @@ def _schema_lock(url: str) -> Iterator[None]:
     if not url.startswith("postgresql"):
         yield
         return
-    engine = sqlalchemy.create_engine(
-        url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
-    )
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_connect_args(url))
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
@@ -299,47 +551,167 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
 def require_study(storage: optuna.storages.BaseStorage, name: str) -> None:
     names = study_names(storage)
     if name not in names:
-        listed = ", ".join(names) if names else "none"
+        listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        shown = name if len(name) <= 60 else name[:50] + f"... ({len(name)} chars)"
         raise KdsearchError(
-            f"study {name!r} does not exist in this storage (studies there: {listed}); "
+            f"study {shown!r} does not exist in this storage (studies there: {listed or 'none'}); "
             "create it with `kdsearch study create STUDY.yaml` or check --storage"
         )
 
 
-def study_lock(storage: optuna.storages.RDBStorage, name: str) -> AbstractContextManager[None]:
-    """Serialise a short critical section (claiming a trial) across every worker of a study."""
-    return _named_lock(storage, f"kdsearch:{name}")
+# --- critical sections -------------------------------------------------------------------
+
+
+class LockBusy(KdsearchError):
+    """A critical section's lock could not be taken in time (its holder is busy or frozen):
+    transient, the caller tries again."""
+
+    exit_code = 3
+
+
+@contextlib.contextmanager
+def critical_section(storage: KdsearchStorage, name: str, wait: bool = True) -> Iterator[bool]:
+    """Run a short critical section (a claim, creating a study) on study ``name`` alone,
+    in **one transaction**: every write the block makes through ``storage`` (Optuna's
+    calls included) commits together at the end, or not at all.
+
+    PostgreSQL: a transaction-level advisory lock. The server ends a holder's session that
+    stays idle in its transaction for ``LOCK_HOLD_S`` (a frozen process): the lock is
+    released and its writes are rolled back, so another worker can claim, and the frozen
+    one, when it wakes, finds its connection gone and its claim undone: two claims never
+    both land. Waiters wait up to ``LOCK_WAIT_S``, then raise ``LockBusy`` (they log and
+    try again). SQLite (one machine): a file lock next to the database, then one
+    transaction on the same file.
+
+    Yields True; with ``wait=False``, yields False at once when another holds the lock
+    (nothing runs then)."""
+    engine = storage.engine
+    conn = engine.connect()
+    held = False
+    try:
+        if engine.dialect.name == "postgresql":
+            transaction = conn.begin()
+            conn.execute(
+                sqlalchemy.text(
+                    f"SET LOCAL idle_in_transaction_session_timeout = {LOCK_HOLD_S * 1000}"
+                )
+            )
+            key = {"k": stable_int(f"kdsearch:{name}", bits=64) - (1 << 63)}
+            if wait:
+                conn.execute(sqlalchemy.text(f"SET LOCAL lock_timeout = {LOCK_WAIT_S * 1000}"))
+                try:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), key)
+                except sqlalchemy.exc.OperationalError as exc:
+                    if "lock timeout" not in str(exc):
+                        raise
+                    raise LockBusy(
+                        f"study {name!r}: its lock was held by another process for "
+                        f"{LOCK_WAIT_S} s; trying again"
+                    ) from None
+                held = True
+            else:
+                held = bool(
+                    conn.execute(
+                        sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:k)"), key
+                    ).scalar()
+                )
+            if not held:
+                transaction.rollback()
+                yield False
+                return
+            with _bound(storage, conn):
+                yield True
+            transaction.commit()
+            return
+        database = engine.url.database or "kdsearch"
+        lock = Path(f"{database}.{stable_hash(f'kdsearch:{name}', length=12)}.lock")
+        with file_lock(lock, wait=wait) as held:
+            if not held:
+                yield False
+                return
+            transaction = conn.begin()
+            with _bound(storage, conn):
+                yield True
+            transaction.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.rollback()
+        if held:
+            forget_cached_trials(storage)
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@contextlib.contextmanager
+def _bound(storage: KdsearchStorage, conn: sqlalchemy.engine.Connection) -> Iterator[None]:
+    """Optuna's calls from this thread go through ``conn``'s transaction: its scoped
+    session is replaced, for this thread only, by one joined to that transaction (each of
+    Optuna's commits becomes a savepoint's release)."""
+    session = Session(bind=conn, join_transaction_mode="create_savepoint")
+    registry = storage.scoped_session.registry
+    previous = registry() if registry.has() else None
+    registry.set(session)
+    try:
+        yield
+    finally:
+        session.close()
+        if previous is not None:
+            registry.set(previous)
+        else:
+            registry.clear()
+
+
+_CACHES: dict[int, list[Any]] = {}  # id(KdsearchStorage) -> optuna's caches wrapping it
+_CACHES_LOCK = threading.Lock()
+
+
+def track_cache(study: optuna.Study) -> optuna.Study:
+    """Remember the trial cache Optuna wraps ``study``'s storage in, so a rolled-back
+    critical section can empty it (``forget_cached_trials``)."""
+    cache = study._storage
+    backend = getattr(cache, "_backend", None)
+    if backend is not None:
+        with _CACHES_LOCK:
+            _CACHES.setdefault(id(backend), []).append(cache)
+    return study
+
+
+def forget_cached_trials(storage: KdsearchStorage) -> None:
+    """Empty Optuna's trial caches over ``storage``: after a rolled-back critical section
+    they may hold trials that were never committed."""
+    with _CACHES_LOCK:
+        caches = list(_CACHES.get(id(storage), []))
+    for cache in caches:
+        with cache._lock:
+            cache._studies.clear()
+            cache._trial_id_to_study_id_and_number.clear()
+            cache._study_id_and_number_to_trial_id.clear()
 
 
 def assets_lock(storage: optuna.storages.RDBStorage, name: str) -> AbstractContextManager[None]:
     """Serialise building the study assets ``name`` across machines. Building can take
-    minutes (fine-tuning a teacher): waiters poll, so a stop signal still reaches them."""
-    return _named_lock(storage, f"kdsearch-assets:{name}", poll_s=1.0)
+    minutes (fine-tuning a teacher): a session-level advisory lock (it dies with its
+    session, so a killed holder never blocks the others), polled, so a stop signal still
+    reaches the waiters. SQLite: a file lock."""
+    return _polled_lock(storage, f"kdsearch-assets:{name}", poll_s=1.0)
 
 
 @contextlib.contextmanager
-def _named_lock(
-    storage: optuna.storages.RDBStorage, name: str, poll_s: float | None = None
-) -> Iterator[None]:
-    """PostgreSQL: a session-level advisory lock (works across machines; it dies with the
-    session, so a killed holder never blocks the others). SQLite: a file lock next to
-    the database (one machine, which is all SQLite serves)."""
+def _polled_lock(storage: optuna.storages.RDBStorage, name: str, poll_s: float) -> Iterator[None]:
     engine = storage.engine
     if engine.dialect.name == "postgresql":
-        # pg_advisory_lock takes a signed 64-bit key.
         key = {"k": stable_int(name, bits=64) - (1 << 63)}
         with engine.connect() as conn:
-            if poll_s is None:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), key)
-            else:
-                waited = False
-                while not conn.execute(
-                    sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), key
-                ).scalar():
-                    if not waited:
-                        logger.info("waiting for another worker holding %s", name)
-                        waited = True
-                    time.sleep(poll_s)
+            waited = False
+            while not conn.execute(
+                sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), key
+            ).scalar():
+                if not waited:
+                    logger.info("waiting for another worker holding %s", name)
+                    waited = True
+                time.sleep(poll_s)
             conn.commit()
             try:
                 yield
@@ -357,13 +729,34 @@ def _named_lock(
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
     """An exclusive ``flock`` on ``path`` (created with its folder): serialises the
-    processes of one machine, and is released by the kernel if the holder dies."""
+    processes of one machine, and is released by the kernel if the holder dies. Waiters
+    say every ``LOCK_WAIT_S`` who holds it. Yields whether it is held (False only with
+    ``wait=False``, when another process holds it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(path, "a+") as handle:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                time.sleep(0.05)
+                waited += 0.05
+                if waited >= LOCK_WAIT_S:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    logger.warning("waiting for %s, held by process %s", path.name, holder)
+                    waited = 0.0
         try:
-            yield
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

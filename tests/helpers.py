@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -308,3 +309,18 @@ def bert_teacher(folder: Path, layers: int = 12, hidden: int = 24) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_folder()).save_pretrained(folder)
     return folder
+
+
+def make_trial(
+    spec: Any,
+    assets: Any,
+    params: dict[str, Any],
+    device: Any,
+    on_probe: Callable[[Any], None] | None = None,
+    seed: int | None = None,
+    precision: str = "fp32",
+) -> Any:
+    """A trial of ``params`` outside any claim, as the worker would run it."""
+    from kdsearch.workers.trial import standalone_trial
+
+    return standalone_trial(spec, assets, params, device, seed, precision, on_probe)  # type: ignore[arg-type]

@@ -79,3 +79,55 @@ def test_predictions_reproduce_the_trials_sigma(done: kdsearch.Study) -> None:
         done.predictions(trial=1, split="test")
     with pytest.raises(KdsearchError, match="trial 7 of 'api' has no prediction files"):
         done.predictions(trial=7)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda url: kdsearch.create_study(123, storage=url), "a study spec must be a YAML path"),
+        (
+            lambda url: kdsearch.create_study({"name": "x"}, storage=7),
+            "storage must be a non-empty",
+        ),
+        (lambda url: kdsearch.load_study(None, storage=url), "name must be a non-empty text"),
+        (lambda url: kdsearch.load_study("api", storage=""), "storage must be a non-empty"),
+        (lambda url: kdsearch.load_study(["api"], storage=url), "name must be a non-empty text"),
+    ],
+)
+def test_wrong_types_get_one_clear_message(done: kdsearch.Study, call, words: str) -> None:
+    with pytest.raises(KdsearchError, match=words):
+        call(done.storage_url)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"max_trials": 0}, "max_trials"),
+        ({"max_trials": -1}, "max_trials"),
+        ({"threads": 0}, "threads"),
+        ({"precision": "fp8"}, "precision"),
+        ({"max_trials": True}, "max_trials"),
+        ({"max_trials": 1.5}, "max_trials"),
+        ({"gpus": 2}, "gpus"),
+    ],
+)
+def test_bad_worker_options_are_refused_before_anything_runs(
+    done: kdsearch.Study, options: dict, words: str
+) -> None:
+    before = [(r.number, r.state) for r in done.records()]
+    with pytest.raises(KdsearchError, match=words):
+        done.run_worker(**options)
+    assert [(r.number, r.state) for r in done.records()] == before
+
+
+def test_a_handle_to_a_deleted_study_says_so(done: kdsearch.Study, tmp_path: Path) -> None:
+    from kdsearch.service.storage import open_storage
+    from kdsearch.service.study import delete_study
+
+    data = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
+    spec = yaml.safe_load(tiny_spec_text("gone", Path(done.spec.teacher.model), data))
+    gone = kdsearch.create_study(spec, storage=done.storage_url, artifacts=str(tmp_path / "a"))
+    delete_study(open_storage(done.storage_url), "gone")
+    for use in (gone.records, gone.summary, gone.run_worker):
+        with pytest.raises(KdsearchError, match=r"no longer exists .*deleted"):
+            use()

@@ -7,6 +7,7 @@ Add a row for every input that ever got a traceback or wrote something it should
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -17,8 +18,8 @@ import optuna
 import pytest
 import sqlalchemy
 
+from kdsearch.service.loading import load_spec
 from kdsearch.service.record import StudyAttr
-from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
 from tests.helpers import FIXTURES, assert_clean_failure, kdsearch, tiny_spec_text, write_spec
@@ -80,6 +81,23 @@ def yaml_edit(old: str, new: str) -> Callable[[Workspace], str]:
         return ws.spec(apply)
 
     return edit
+
+
+def jsonl_spec(ws: Workspace, train: bytes) -> str:
+    """The spec on JSON Lines files (a ``classification`` task) with these train rows."""
+    dev = b'{"text": "a dull film", "label": 0}\n{"text": "a fine film", "label": 1}\n'
+    (ws.tmp / "train.jsonl").write_bytes(train)
+    (ws.tmp / "dev.jsonl").write_bytes(dev)
+
+    def edit(text: str) -> str:
+        start, end = text.index("data:"), text.index("teacher:")
+        data = (
+            f"data:\n  source: files\n  train: {ws.tmp / 'train.jsonl'}\n"
+            f"  dev: {ws.tmp / 'dev.jsonl'}\n  columns: {{text: text, label: label}}\n"
+        )
+        return text[:start].replace("task: sst2", "task: classification") + data + text[end:]
+
+    return ws.spec(edit)
 
 
 def added(line: str) -> Callable[[Workspace], str]:
@@ -307,6 +325,120 @@ SPEC_CASES = [
         ),
         ["package 'no_such_pkg' is not installed"],
     ),
+    # YAML shapes
+    Case(
+        "deep nesting",
+        create(lambda ws: ws.raw_spec(b"name: " + b"[" * 5000 + b"]" * 5000 + b"\n")),
+        ["nested more than 32 levels deep"],
+    ),
+    Case(
+        "complex key",
+        create(lambda ws: ws.raw_spec(b"? [a, b]\n: 1\n")),
+        ["a key is a list or a mapping"],
+    ),
+    # names and paths
+    Case(
+        "name of 100000 characters",
+        create(yaml_edit("name: bad", "name: " + "x" * 100_000)),
+        ["must be 1-128 ASCII letters", "(100002 chars)"],
+    ),
+    Case(
+        "model path too long",
+        create(
+            lambda ws: ws.spec(lambda t: t.replace(f"model: {ws.model}", "model: /" + "a" * 5000))
+        ),
+        ["teacher.model:", "is longer than this system allows (5001 characters)"],
+    ),
+    Case(
+        "malformed package name",
+        create(
+            lambda ws: ws.spec(lambda t: t.replace(f"model: {ws.model}", "model: package:../x"))
+        ),
+        ["teacher.model: 'package:../x' does not name a Python package"],
+    ),
+    Case(
+        "data path too long",
+        create(lambda ws: ws.spec(lambda t: t.replace(f"path: {ws.data}", "path: /" + "d" * 5000))),
+        ["data.path:", "is longer than this system allows"],
+    ),
+    # contradictions with the models and the data
+    Case(
+        "teacher_layers beyond the teacher",
+        create(yaml_edit("teacher_layers: 1", "teacher_layers: 5")),
+        ["student.teacher_layers 5: the teacher", "has 2 layers", "Use at most 2"],
+    ),
+    Case(
+        "searched teacher_layers beyond the teacher",
+        create(yaml_edit(SPACE, SPACE + "\n  teacher_layers: {type: int, low: 1, high: 4}")),
+        ["search_space.teacher_layers (up to 4): the teacher", "has 2 layers"],
+    ),
+    Case(
+        "max_seq_length beyond the position embeddings",
+        create(yaml_edit("max_seq_length: 32", "max_seq_length: 256")),
+        ["max_seq_length 256 is beyond teacher.model's 128 position embeddings"],
+    ),
+    Case(
+        "data of a single class",
+        create(lambda ws: ws.data_file("train", HEADER + b"a fine film\t1\na good one\t1\n")),
+        ["every train row is class", "needs rows of two classes or more"],
+    ),
+    Case(
+        "duplicate label names",
+        create(yaml_edit("  dev_limit: 64", "  dev_limit: 64\n  labels: [neg, neg]")),
+        ["labels: 'neg' is listed more than once"],
+    ),
+    Case(
+        "list-valued labels in JSON Lines",
+        create(lambda ws: jsonl_spec(ws, b'{"text": "a fine film", "label": [1, 0]}\n')),
+        ["label"],
+    ),
+    Case(
+        "empty search space",
+        create(
+            lambda ws: ws.spec(
+                lambda t: (
+                    t[: t.index("search_space:")] + "search_space: {}\n" + t[t.index("defaults:") :]
+                )
+            )
+        ),
+        ["search_space is empty", "set n_trials to at most 1"],
+    ),
+    Case(
+        "create --artifacts is a file",
+        lambda ws: [
+            "study",
+            "create",
+            ws.spec(),
+            "--storage",
+            ws.storage,
+            "--artifacts",
+            str(ws.data / "train.tsv"),
+        ],
+        ["artifact location", "is a file, not a folder; give a folder"],
+        code=4,
+    ),
+    # storage URLs
+    Case(
+        "in-memory SQLite",
+        lambda ws: ["study", "create", ws.spec(), "--storage", "sqlite://"],
+        ["is an in-memory SQLite database"],
+    ),
+    Case(
+        "driver not installed",
+        lambda ws: ["study", "create", ws.spec(), "--storage", "mysql+pymysql://u@127.0.0.1/x"],
+        ["needs the mysql driver 'pymysql'"],
+    ),
+    Case(
+        "empty --storage",
+        lambda ws: ["study", "create", ws.spec(), "--storage", ""],
+        ["storage must be a non-empty text, not ''; give a database URL"],
+    ),
+    Case(
+        "read-only SQLite folder",
+        lambda ws: ["study", "create", ws.spec(), "--storage", f"sqlite:///{read_only(ws)}/k.db"],
+        ["is read-only"],
+        code=3,
+    ),
     # the storage
     Case(
         "not a database URL",
@@ -369,6 +501,14 @@ def score(teacher: bytes, student: bytes | None = None) -> Callable[[Workspace],
         return ["score", "--teacher", str(t), "--student", str(s)]
 
     return args
+
+
+def fifo(ws: Workspace) -> str:
+    """A named pipe: opening it to read would block forever."""
+    path = ws.tmp / "pipe.csv"
+    if not path.exists():
+        os.mkfifo(path)
+    return str(path)
 
 
 def read_only(ws: Workspace) -> Path:
@@ -523,6 +663,70 @@ RUN_CASES = [
         ["--task 'sst3' is not a task"],
     ),
     Case("score: no rows", score(b"", b""), ["has a header but no rows"]),
+    Case(
+        "score: a folder",
+        lambda ws: ["score", "--teacher", str(ws.data), "--student", str(ws.data)],
+        ["not a regular file"],
+    ),
+    Case(
+        "score: a FIFO",
+        lambda ws: ["score", "--teacher", fifo(ws), "--student", fifo(ws)],
+        ["not a regular file"],
+    ),
+    Case(
+        "score: a row with more fields than columns",
+        score(b"0,0.9,0.1,0,7\n"),
+        ["data row 1 has 5 fields but the header has 4"],
+    ),
+    Case(
+        "score: pred contradicts the probabilities",
+        score(b"1,0.9,0.1,0\n"),
+        ["data row 1 says pred 1 but its probabilities are [0.9, 0.1]"],
+    ),
+    Case(
+        "score: label beyond the columns",
+        score(b"0,0.9,0.1,4\n"),
+        ["data row 1 has label 4, but the file has 2 probability columns"],
+    ),
+    Case(
+        "export --out unwritable",
+        lambda ws: [
+            "export",
+            "--study",
+            "bad",
+            "--out",
+            str(read_only(ws) / "out"),
+            "--storage",
+            ws.storage,
+        ],
+        ["cannot write the export to"],
+        code=4,
+    ),
+    Case(
+        "dashboard on a bad host",
+        lambda ws: [
+            "dashboard",
+            "--host",
+            "203.0.113.7",
+            "--port",
+            "8799",
+            "--storage",
+            ws.storage,
+        ],
+        ["--host '203.0.113.7' is not an address of this machine"],
+    ),
+    Case(
+        "--mlflow without MLflow",
+        lambda ws: [*worker("--artifacts", str(ws.tmp / "a"), "--mlflow", "file:./m")(ws)],
+        ["MLflow is not installed"],
+        code=4,
+        env={"PYTHONPATH": str(FIXTURES / "no-mlflow")},
+    ),
+    Case(
+        "a study name of 100000 characters",
+        lambda ws: ["status", "--study", "y" * 100_000, "--storage", ws.storage],
+        ["does not exist"],
+    ),
 ]
 
 
@@ -545,3 +749,36 @@ def test_a_bad_option_or_file_is_refused_and_the_study_is_unchanged(
     stored = optuna.load_study(study_name="bad", storage=study.storage)
     assert [t.state.name for t in stored.trials] == ["WAITING"]  # only the queued baseline
     assert StudyAttr.ARTIFACTS not in stored.user_attrs  # not even the artifact location
+
+
+@pytest.mark.parametrize("command", ["create", "status"])
+def test_a_database_with_a_foreign_studies_table_is_refused_untouched(
+    command: str, workspace: Workspace
+) -> None:
+    engine = sqlalchemy.create_engine(workspace.storage)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE studies (id serial PRIMARY KEY, title text)")
+        conn.exec_driver_sql("INSERT INTO studies (title) VALUES ('not optuna')")
+    args = (
+        ["study", "create", workspace.spec()]
+        if command == "create"
+        else ["status", "--study", "bad"]
+    )
+    result = kdsearch(*args, "--storage", workspace.storage, cwd=workspace.tmp)
+    assert_clean_failure(result, "has a 'studies' table that is not Optuna's", code=2)
+    with engine.connect() as conn:
+        tables = sqlalchemy.inspect(conn).get_table_names()
+        rows = conn.exec_driver_sql("SELECT title FROM studies").fetchall()
+    engine.dispose()
+    assert tables == ["studies"] and rows == [("not optuna",)]  # nothing added or changed
+
+
+def test_a_database_of_a_newer_optuna_is_refused(study: Workspace) -> None:
+    engine = sqlalchemy.create_engine(study.storage)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE version_info SET schema_version = 99")
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'v99.0.0.z'")
+    engine.dispose()
+    for args in (["status", "--study", "bad"], ["worker", "--study", "bad"]):
+        result = kdsearch(*args, "--storage", study.storage, cwd=study.tmp, timeout=120)
+        assert_clean_failure(result, "schema", code=2)

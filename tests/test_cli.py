@@ -57,19 +57,29 @@ def test_create_attach_refuse_and_status(spec_file: Path, pg_url: str) -> None:
 
     status = kdsearch("status", "--study", "cli", "--storage", pg_url)
     assert status.returncode == 0, status.stderr
-    header, _, row, _, footer = status.stdout.splitlines()
+    header, _, row, _, answer, footer = status.stdout.splitlines()
+    assert answer == "answer: none yet"
     assert footer == "artifacts: not recorded yet (no worker ran)"
     assert header.split() == [
-        "trial", "state", "baseline", "learning_rate", "batch_size", "epochs",
-        "sigma", "accuracy_drop", "feasible", "host", "elapsed_s",
+        "trial", "state", "role", "config", "replicate", "seed", "learning_rate",
+        "batch_size", "epochs", "sigma", "accuracy_drop", "feasible", "host", "elapsed_s",
     ]  # fmt: skip
-    # The queued baseline shows the hyperparameters it will run with.
-    assert row.split()[:6] == ["0", "WAITING", "yes", "0.001000", "32", "1"]
+    # The queued baseline shows its configuration, seed and the values it will run with.
+    cells = row.split()
+    assert cells[:3] == ["0", "WAITING", "baseline"] and cells[4:9] == [
+        "0",
+        "7",
+        "0.001000",
+        "32",
+        "1",
+    ]
     rows = json.loads(
         kdsearch("status", "--study", "cli", "--format", "json", "--storage", pg_url).stdout
     )
     assert rows[0]["state"] == "WAITING" and rows[0]["sigma"] is None
     assert (rows[0]["learning_rate"], rows[0]["batch_size"]) == (1e-3, 32)
+    assert (rows[0]["role"], rows[0]["replicate"], rows[0]["seed"]) == ("baseline", 0, 7)
+    assert rows[0]["config"] == cells[3]
 
 
 def test_a_worker_with_another_artifact_location_is_refused(
@@ -170,8 +180,9 @@ LEAVES = list(_commands(build_parser()))
 
 def test_all_commands_are_checked() -> None:
     assert {" ".join(p) for p, _ in LEAVES} == {
-        "study create", "study list", "study schema", "study unhalt", "worker", "status",
-        "report", "export", "dashboard", "score",
+        "study create", "study list", "study schema", "study unhalt", "study delete",
+        "study relocate", "worker", "status", "report", "export", "predictions", "dashboard",
+        "score", "augment",
     }  # fmt: skip
 
 

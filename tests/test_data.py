@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
 
 from kdsearch.service.errors import KdsearchError
-from kdsearch.service.spec import StudySpec, spec_from_dict
+from kdsearch.service.loading import spec_from_dict
+from kdsearch.service.spec import StudySpec
 from kdsearch.workers.data import (
     GLUE_LABELS,
     HUB_COLUMNS,
@@ -69,6 +71,10 @@ def test_wrong_format_names_the_columns(fixture_glue: Path) -> None:
         read_glue_tsv(fixture_glue / "SST-2" / "dev.tsv", "qqp")
 
 
+def _load(spec: StudySpec) -> Any:
+    return load_task_data(spec.data, spec.task)
+
+
 def _spec(task: str, data: dict, tiny_bert_dir: Path) -> StudySpec:
     raw = {
         "name": "d",
@@ -83,7 +89,7 @@ def _spec(task: str, data: dict, tiny_bert_dir: Path) -> StudySpec:
 
 def test_row_limits(fixture_glue: Path, tiny_bert_dir: Path) -> None:
     data = {"path": str(fixture_glue / "SST-2"), "train_limit": 10, "dev_limit": 5}
-    loaded = load_task_data(_spec("sst2", data, tiny_bert_dir))
+    loaded = _load(_spec("sst2", data, tiny_bert_dir))
     assert (len(loaded.train), len(loaded.dev)) == (10, 5)
     assert loaded.label_names == ("negative", "positive") and loaded.num_labels == 2
 
@@ -100,7 +106,7 @@ def test_glue_in_the_hubs_layout_loads_for_every_task(
     # GLUE's own column names (sst2/cola "sentence", qnli "question"/"sentence", ...), the
     # config named after the task, the validation split as dev: as nyu-mll/glue on the hub.
     spec = _spec(task, {"source": "hub", "dataset": str(hub_glue)}, tiny_bert_dir)
-    loaded = load_task_data(spec)
+    loaded = load_task_data(spec.data, spec.task)
     assert loaded.label_names == GLUE_LABELS[task]
     assert (loaded.train.text_b is None) == (HUB_COLUMNS[task][1] is None)
     folder = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI", "qqp": "QQP"}
@@ -115,11 +121,11 @@ def test_save_to_disk_folders_load_with_their_split_names(
     glue = datasets.load_dataset(str(hub_glue), "rte")
     glue.save_to_disk(str(tmp_path / "rte"))
     data = {"source": "disk", "path": str(tmp_path / "rte")}
-    loaded = load_task_data(_spec("rte", data, tiny_bert_dir))
+    loaded = _load(_spec("rte", data, tiny_bert_dir))
     assert len(loaded.train) == 20 and loaded.train.text_b is not None
     bad = {**data, "dev_split": "test"}
     with pytest.raises(KdsearchError, match=r"has no split 'test' \(it has train, validation\)"):
-        load_task_data(_spec("rte", bad, tiny_bert_dir))
+        _load(_spec("rte", bad, tiny_bert_dir))
 
 
 # Users' own data: a three-class intent set in each file format.
@@ -158,7 +164,7 @@ def test_users_files_with_a_column_map_and_label_names(
         "columns": {"text": "body", "label": "intent"},
         "labels": ["billing", "bug", "question"],
     }
-    loaded = load_task_data(_spec("classification", data, tiny_bert_dir))
+    loaded = _load(_spec("classification", data, tiny_bert_dir))
     assert loaded.num_labels == 3
     assert loaded.train.labels == [0, 1, 2, 0, 1, 2] and loaded.dev.labels == [0, 1, 2]
     assert loaded.train.text_a[0] == "my card was charged twice"
@@ -198,7 +204,7 @@ def test_users_data_problems_name_file_row_and_fix(
         **change,
     }
     with pytest.raises(KdsearchError, match=message):
-        load_task_data(_spec("classification", data, tiny_bert_dir))
+        _load(_spec("classification", data, tiny_bert_dir))
 
 
 def test_integer_labels_need_no_names(tmp_path: Path, tiny_bert_dir: Path) -> None:
@@ -209,7 +215,7 @@ def test_integer_labels_need_no_names(tmp_path: Path, tiny_bert_dir: Path) -> No
         "dev": _write(tmp_path / "dev.jsonl", rows),
         "columns": {"text": "body", "label": "intent"},
     }
-    loaded = load_task_data(_spec("classification", data, tiny_bert_dir))
+    loaded = _load(_spec("classification", data, tiny_bert_dir))
     assert loaded.label_names == ("0", "1", "2")
 
 
@@ -220,6 +226,6 @@ def test_an_augmented_train_file_is_read_beside_the_split(
     augmented = tmp_path / "train_aug.tsv"
     augmented.write_text("sentence\tlabel\na fine film\t1\na dull film\t0\na fine movie\t1\n")
     data = {"path": str(fixture_glue / "SST-2"), "train_augmented": str(augmented)}
-    loaded = load_task_data(_spec("sst2", data, tiny_bert_dir))
+    loaded = _load(_spec("sst2", data, tiny_bert_dir))
     assert loaded.train_augmented is not None and loaded.train_augmented.labels == [1, 0, 1]
     assert len(loaded.train) == 200

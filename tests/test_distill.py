@@ -12,12 +12,16 @@ from kdsearch.workers.batching import encode, length_grouped_batches
 from kdsearch.workers.data import Split
 from kdsearch.workers.distill import SoftCrossEntropy
 from kdsearch.workers.training import (
+    EvalGrid,
+    FitHooks,
     LabelCrossEntropy,
     LoopSettings,
     fit,
     linear_warmup_decay,
     param_groups,
 )
+
+CPU = torch.device("cpu")
 
 
 def test_soft_cross_entropy_hand_computed() -> None:
@@ -98,9 +102,7 @@ def test_nan_loss_stops_training(tiny_bert_dir) -> None:
             LabelCrossEntropy(data.labels),
             settings,
             torch.device("cpu"),
-            seed=0,
-            pad_id=0,
-            label="fine-tune",
+            FitHooks(label="fine-tune"),
         )
 
 
@@ -122,7 +124,7 @@ def test_evaluations_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, ex
     data = encode(tokenizer, Split(["a fine film", "a dull film"] * 5, None, [1, 0] * 5), 16)
     settings = LoopSettings(
         learning_rate=1e-3, batch_size=4, epochs=2, weight_decay=0,
-        eval_every_steps=(every,) if every else (),
+        grid=EvalGrid((every,) if every else ()),
     )  # fmt: skip
     seen: list[tuple[float, bool]] = []
 
@@ -130,7 +132,7 @@ def test_evaluations_after_each_epoch_and_every_n_steps(tiny_bert_dir, every, ex
         seen.append((epoch, model.training))
         model.eval()  # an evaluation leaves eval mode; fit must switch back to training
 
-    fit(model, data, LabelCrossEntropy(data.labels), settings, torch.device("cpu"), 0, 0, evaluate)
+    fit(model, data, LabelCrossEntropy(data.labels), settings, CPU, FitHooks(on_eval=evaluate))
     assert [e for e, _ in seen] == pytest.approx(expected)
     assert all(training for _, training in seen)
 

@@ -14,8 +14,8 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import TrialState
 
+from kdsearch.service.loading import load_spec
 from kdsearch.service.record import STUDY_KEYS, TRIAL_KEYS
-from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
 from kdsearch.workers.metrics import confidence_stats
@@ -63,7 +63,9 @@ def test_two_workers_finish_exactly_the_budget(
         assert math.isfinite(sigma) and math.isfinite(drop)
         assert 0 <= sigma < 1 and -1 <= drop <= 1
         assert trial.user_attrs["sigma"] == sigma
-        assert trial.system_attrs["constraints"] == pytest.approx([sigma - 0.05, drop - 0.01])
+        assert trial.constraints == pytest.approx(
+            {"sigma": sigma - 0.05, "accuracy_drop": drop - 0.01}
+        )
         # sigma recomputed from the saved predictions of teacher and student
         files = {}
         for name, artifact_id in trial.user_attrs["artifacts"].items():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import kdsearch
-from kdsearch.service.report import format_markdown, per_class_sigma, summarize
-from kdsearch.service.spec import load_spec
+from kdsearch.service.loading import load_spec
+from kdsearch.service.report import format_markdown
+from kdsearch.service.summary import per_class_sigma, summarize_study
 from tests.helpers import ROOT
 from tests.helpers import kdsearch as run_cli
 
@@ -64,20 +65,24 @@ def test_the_three_class_example_runs_end_to_end(example: kdsearch.Study) -> Non
     assert per_class_sigma([o], example.spec) == dict(
         zip(["negative", "neutral", "positive"], o.train_sigma_per_class, strict=True)
     )
-    summary = summarize(example.optuna, example.spec)
-    if summary.best_sigma_per_class is not None:  # a confirmed-feasible configuration
-        assert list(summary.best_sigma_per_class) == ["negative", "neutral", "positive"]
+    summary = summarize_study(example.optuna, example.spec)
+    if summary.answer_sigma_per_class is not None:  # an answer, from its seeds
+        assert list(summary.answer_sigma_per_class) == ["negative", "neutral", "positive"]
         assert "sigma per class" in format_markdown([summary])
-        assert max(summary.best_sigma_per_class.values()) == pytest.approx(summary.best_sigma)
+        assert max(summary.answer_sigma_per_class.values()) == pytest.approx(summary.answer_sigma)
+    # every outcome knows the majority class's accuracy, and flags a student below it
+    assert o.majority_dev_accuracy == pytest.approx(19 / 50)
+    assert o.below_majority == (o.student_dev_accuracy < 19 / 50)
 
 
 def test_the_example_status_table(example: kdsearch.Study) -> None:
     out = run_cli("status", "--study", "financial-sentiment", "--storage", example.storage_url)
     assert out.returncode == 0, out.stderr
     header, _, *rows = out.stdout.splitlines()[:5]
-    assert header.split()[:3] == ["trial", "state", "baseline"]
+    columns = header.split()
+    assert columns[:6] == ["trial", "state", "role", "config", "replicate", "seed"]
     assert "learning_rate" in header and "temperature" in header
-    assert rows[0].split()[:3] == ["0", "COMPLETE", "yes"]
-    sigma = float(rows[0].split()[6])
+    assert rows[0].split()[:3] == ["0", "COMPLETE", "baseline"]
+    sigma = float(rows[0].split()[columns.index("sigma")])
     assert sigma == pytest.approx(example.records()[0].sigma, abs=1e-6)
     assert np.isfinite(sigma)

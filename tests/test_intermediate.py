@@ -9,18 +9,19 @@ import pytest
 import torch
 
 from kdsearch.service.errors import SpecError
-from kdsearch.service.spec import Stage1Spec, load_spec
-from kdsearch.service.study import trial_stage1
-from kdsearch.workers.assets import AssetCache, prepare_assets
+from kdsearch.service.loading import load_spec
+from kdsearch.service.spec import Stage1Spec
+from kdsearch.service.trial_config import trial_stage1
+from kdsearch.workers.assets import prepare_assets
+from kdsearch.workers.cache import AssetCache
 from kdsearch.workers.intermediate import (
     SCORES_ATTENTION,
     IntermediateLoss,
     LayerMap,
     trained_fit_dense,
 )
-from kdsearch.workers.models import load_model
-from kdsearch.workers.trial import build_trial
-from tests.helpers import tiny_spec_text, write_spec
+from kdsearch.workers.models import Loading, load_model
+from tests.helpers import make_trial, tiny_spec_text, write_spec
 
 CPU = torch.device("cpu")
 SEARCH_STAGE1_LR = (
@@ -64,8 +65,8 @@ def test_intermediate_loss_hand_computed() -> None:
 
 
 def test_scores_attention_returns_raw_scores_without_dropout(tiny_bert_dir: Path) -> None:
-    eager = load_model(str(tiny_bert_dir), "t", 2, attention="eager")
-    scores = load_model(str(tiny_bert_dir), "t", 2, attention=SCORES_ATTENTION)
+    eager, _ = load_model(str(tiny_bert_dir), "t", 2, Loading(attention="eager"))
+    scores, _ = load_model(str(tiny_bert_dir), "t", 2, Loading(attention=SCORES_ATTENTION))
     batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}  # fmt: skip
     with torch.no_grad():
@@ -144,10 +145,10 @@ def test_stage1_once_per_study(tmp_path: Path, stage1_spec_text: str, caplog) ->
     loss_values = [float(m.rsplit(" ", 1)[1]) for m in losses]
     assert loss_values[1] < loss_values[0]  # it learns
     params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
-    result = build_trial(spec, assets, params, CPU).run()
+    result = make_trial(spec, assets, params, CPU).run()
     assert 0 <= result.sigma < 1
     # the same trial from the shared stage-1 student gives the same numbers again
-    assert build_trial(spec, assets, params, CPU).run().sigma == result.sigma
+    assert make_trial(spec, assets, params, CPU).run().sigma == result.sigma
 
 
 def test_stage1_searched_runs_in_every_trial(tmp_path: Path, stage1_spec_text: str) -> None:
@@ -162,7 +163,7 @@ def test_stage1_searched_runs_in_every_trial(tmp_path: Path, stage1_spec_text: s
     assert stage1 == Stage1Spec(epochs=2, learning_rate=5e-4)
     assets = prepare_assets(spec, AssetCache(tmp_path / "cache"), CPU)
     assert assets.stage1_student is None  # stage 1 runs in each trial instead
-    result = build_trial(spec, assets, params, CPU).run()
+    result = make_trial(spec, assets, params, CPU).run()
     assert result.outcome.stage1_epoch_losses is not None
     assert len(result.outcome.stage1_epoch_losses) == 2
     assert 0 <= result.sigma < 1
@@ -174,15 +175,16 @@ from pathlib import Path
 
 import torch
 
-from kdsearch.service.spec import load_spec
-from kdsearch.workers.assets import AssetCache, prepare_assets
-from kdsearch.workers.trial import build_trial
+from kdsearch.service.loading import load_spec
+from kdsearch.workers.assets import prepare_assets
+from kdsearch.workers.cache import AssetCache
+from tests.helpers import make_trial
 
 torch.set_num_threads(1)
 spec = load_spec(sys.argv[1])
 assets = prepare_assets(spec, AssetCache(Path(sys.argv[2])), torch.device("cpu"))
 params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
-print(repr(build_trial(spec, assets, params, torch.device("cpu")).run().sigma))
+print(repr(make_trial(spec, assets, params, torch.device("cpu")).run().sigma))
 """
 
 
@@ -208,7 +210,7 @@ def test_export_reproduces_a_trial_from_the_shared_stage1_student(
     import json
 
     import kdsearch
-    from kdsearch.workers.export import export_student
+    from kdsearch.workers.export import ExportRequest, export_student
 
     text = stage1_spec_text.replace("n_trials: 3", "n_trials: 1")
     storage = f"sqlite:///{tmp_path / 'k.db'}"
@@ -216,7 +218,7 @@ def test_export_reproduces_a_trial_from_the_shared_stage1_student(
         load_spec(write_spec(tmp_path / "s.yaml", text)), storage, str(tmp_path / "art")
     )
     study.run_worker(threads=1)
-    card = export_student(storage, "st1", tmp_path / "out", None, trial_number=0, device_name="cpu")
+    card = export_student(ExportRequest(storage, "st1", tmp_path / "out", trial=0, device="cpu"))
     assert card["reproduced_within_tolerance"] is True, card
     assert card["reproduced"]["sigma"] == card["recorded"]["sigma"]
     assert json.loads((tmp_path / "out" / "kdsearch_card.json").read_text())["trial"] == 0

@@ -17,6 +17,7 @@ import yaml
 from kdsearch.service.record import (
     STUDY_KEYS,
     TRIAL_KEYS,
+    SystemAttr,
     TrialAttr,
     set_trial_attrs,
 )
@@ -124,7 +125,7 @@ def test_an_undeclared_attr_key_is_refused_before_anything_is_written(tmp_path: 
 
 def test_declared_keys_are_distinct_and_prefixed_where_bookkeeping() -> None:
     assert all(k.startswith("kdsearch:") for k in STUDY_KEYS)
-    for key in (TrialAttr.BASELINE, TrialAttr.ATTEMPT, TrialAttr.RETRY_OF):
+    for key in (TrialAttr.ROLE, TrialAttr.ATTEMPT, TrialAttr.RETRY_OF, TrialAttr.TRIAL_CONFIG):
         assert key.startswith("kdsearch:") and key in TRIAL_KEYS
 
 
@@ -152,3 +153,114 @@ def test_every_third_party_import_is_declared() -> None:
             used |= {m.split(".")[0] for m in imported}
     third_party = {m for m in used if m not in sys.stdlib_module_names and m != "kdsearch"}
     assert third_party <= importable, sorted(third_party - importable)
+
+
+# The record owns every key: outside service/record.py no string literal names a trial or
+# study attribute (as a key read from or written to attrs), and no literal is one of the
+# prefixed keys.
+_DECLARED = (
+    TRIAL_KEYS
+    | STUDY_KEYS
+    | {v for k, v in vars(SystemAttr).items() if k.isupper() and isinstance(v, str)}
+)
+_ATTR_CALLS = {
+    "set_user_attr", "set_system_attr", "set_trial_user_attr", "set_trial_system_attr",
+    "set_study_user_attr", "set_study_system_attr",
+}  # fmt: skip
+
+
+def _key_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """String literals used as attribute keys: ``x.user_attrs["k"]``, ``attrs.get("k")``,
+    ``set_user_attr("k", ...)``, and any literal that is a prefixed kdsearch key."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            target = node.value
+            name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+            if name.endswith("attrs") and isinstance(node.slice.value, str):
+                found.append((node.lineno, node.slice.value))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            owner_name = (
+                owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            )
+            keyed = node.func.attr in _ATTR_CALLS or (
+                node.func.attr in ("get", "pop", "setdefault") and owner_name.endswith("attrs")
+            )
+            for arg in node.args[:2] if keyed else []:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    found.append((node.lineno, arg.value))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.startswith("kdsearch:") and node.value in _DECLARED:
+                found.append((node.lineno, node.value))
+    return found
+
+
+def test_no_string_key_outside_the_record_names_an_attribute() -> None:
+    offenders = []
+    for folder in SIDES.values():
+        for path in sorted(folder.glob("*.py")):
+            if path == ROOT / "service" / "record.py":
+                continue
+            for line, key in _key_literals(ast.parse(path.read_text())):
+                offenders.append(f"{path.relative_to(ROOT)}:{line}: {key!r}")
+    assert not offenders, "use the record's constants (service/record.py):\n" + "\n".join(offenders)
+
+
+def test_the_key_check_catches_a_literal_key() -> None:
+    code = (
+        'trial.user_attrs["sigma"]\nstudy.user_attrs.get("kdsearch:spec")\nt.set_user_attr("x", 1)'
+    )
+    assert [k for _, k in _key_literals(ast.parse(code))] == [
+        "sigma",
+        "kdsearch:spec",
+        "x",
+        "kdsearch:spec",
+    ]
+
+
+def _methods(path: Path, cls: str) -> dict[str, set[str]]:
+    """The attributes each method of class ``cls`` assigns on ``self``."""
+    (node,) = [
+        n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef) and n.name == cls
+    ]
+    out = {}
+    for method in node.body:
+        if isinstance(method, ast.FunctionDef):
+            out[method.name] = {
+                t.attr
+                for n in ast.walk(method)
+                if isinstance(n, ast.Assign | ast.AnnAssign)
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and getattr(t.value, "id", "") == "self"
+            }
+    return out
+
+
+def test_the_worker_keeps_no_per_trial_state() -> None:
+    # Set up once (__init__, setup), plus two worker-wide counters; everything a trial
+    # owns lives in its TrialSession.
+    methods = _methods(ROOT / "workers" / "worker.py", "Worker")
+    during_the_loop = set().union(
+        *(a for m, a in methods.items() if m not in ("__init__", "setup"))
+    )
+    assert during_the_loop <= {"_deadline", "_noted"}, during_the_loop
+
+
+# Signatures another library sets (transformers' attention interface).
+_IMPOSED = {("intermediate.py", "_scores_attention")}
+
+
+def test_no_compute_side_function_takes_more_than_six_parameters() -> None:
+    wide = []
+    for path in sorted((ROOT / "workers").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            a = node.args
+            names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+            names += [v.arg for v in (a.vararg, a.kwarg) if v is not None]
+            names = [n for n in names if n not in ("self", "cls")]
+            if len(names) > 6 and (path.name, node.name) not in _IMPOSED:
+                wide.append(f"workers/{path.name}: {node.name}({', '.join(names)})")
+    assert not wide, wide

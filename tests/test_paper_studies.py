@@ -14,8 +14,9 @@ import yaml
 import kdsearch
 from kdsearch.service.errors import KdsearchError
 from kdsearch.service.racing import aggregate
-from kdsearch.service.report import depth_png, summarize
-from kdsearch.service.study import halted_reason
+from kdsearch.service.recovery import halted_reason
+from kdsearch.service.report import depth_png
+from kdsearch.service.summary import read_records, summarize_study
 from kdsearch.workers.models import forget_loaded, load_model
 from tests.helpers import ROOT, bert_teacher, glue_hub_folder, tinybert_checkpoint
 
@@ -48,7 +49,7 @@ def test_a_tinybert_checkpoint_without_model_type_loads_as_bert(
 ) -> None:
     import torch
 
-    model = load_model(str(stand_ins["4L"]), "student", num_labels=2)
+    model, _ = load_model(str(stand_ins["4L"]), "student", num_labels=2)
     assert type(model).__name__ == "BertForSequenceClassification"
     saved = torch.load(stand_ins["4L"] / "pytorch_model.bin", weights_only=True)
     torch.testing.assert_close(
@@ -93,7 +94,7 @@ def test_each_paper_study_runs_end_to_end(
     study = kdsearch.create_study(
         raw, storage=f"sqlite:///{tmp_path / 'k.db'}", artifacts=str(tmp_path / "art")
     )
-    study.run_worker(threads=1, sampler_seed=0)  # one sampled trial, the same every run
+    study.run_worker(threads=1)  # one sampled trial, the same every run (its number's seed)
     records = study.records()
     assert [r.state.name for r in records] == ["COMPLETE", "COMPLETE"], [r.error for r in records]
     baseline, other = records
@@ -119,11 +120,11 @@ def test_each_paper_study_runs_end_to_end(
         assert "stage 1 starts from the checkpoint's trained fit_dense" in messages
     assert "stage 1, epoch 1/1" in messages
     if "teacher_layers" in raw["search_space"]:  # the depth study: its report section
-        summary = summarize(study.optuna, study.spec)
+        summary = summarize_study(study.optuna, study.spec)
         depths = {int(r.params.get("teacher_layers", 4)) for r in records}
         assert summary.by_depth is not None
         assert {row["depth"] for row in summary.by_depth} == depths
-        depth_png(study.optuna, study.spec, tmp_path / "depth.png")
+        depth_png(read_records(study.optuna), study.spec, tmp_path / "depth.png")
         assert (tmp_path / "depth.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -8,6 +8,8 @@ its probes, an infeasible finished trial is marked; a raising trial is retried.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,12 +21,14 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.service.errors import FailureStreak
-from kdsearch.service.record import FailureKind, TrialAttr, TrialRecord
-from kdsearch.service.spec import StudySpec, load_spec
+from kdsearch.service.loading import load_spec
+from kdsearch.service.record import FailureKind, SystemAttr, TrialAttr, TrialRecord
+from kdsearch.service.spec import StudySpec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
 from kdsearch.workers.worker import Worker, WorkerOptions
 from tests.helpers import (
+    KDSEARCH,
     PrivatePostgres,
     finish,
     kdsearch,
@@ -175,7 +179,8 @@ def test_sigterm_requeues_and_a_new_worker_resumes(
     ts = trials(pg_url, "stopped")
     assert TrialState.RUNNING not in [t.state for t in ts]
     assert ts[0].state == TrialState.FAIL and "stopped" in ts[0].user_attrs["error"]
-    assert ts[1].state == TrialState.WAITING and ts[1].system_attrs["fixed_params"] == ts[0].params
+    assert ts[1].state == TrialState.WAITING
+    assert ts[1].system_attrs[SystemAttr.FIXED_PARAMS] == ts[0].params
     assert ts[1].user_attrs[TrialAttr.ATTEMPT] == 0  # a stop does not use up a retry
 
     # resume: a new worker continues the stopped study to its global budget
@@ -225,13 +230,13 @@ def test_pruned_trial_keeps_its_probes_and_infeasible_trials_are_marked(
     # The baseline (every other trial's point of comparison) is never pruned, even over
     # the thresholds; the queued trial is.
     finished, pruned = trials(storage_url, "pruned")
-    assert finished.user_attrs[TrialAttr.BASELINE] is True
+    assert finished.user_attrs[TrialAttr.ROLE] == "baseline"
     assert pruned.state == TrialState.PRUNED and pruned.values is None
     assert pruned.user_attrs["pruned_by"] == "threshold"
     assert [p["epoch"] for p in pruned.user_attrs[TrialAttr.PROBES]] == pytest.approx(probed_at)
     assert TrialRecord.of(pruned).feasible is False  # judged by its last probe
     assert finished.state == TrialState.COMPLETE and TrialRecord.of(finished).feasible is False
-    assert finished.system_attrs["constraints"][0] == pytest.approx(finished.values[0] - 1e-9)
+    assert finished.constraints["sigma"] == pytest.approx(finished.values[0] - 1e-9)
     # 1 epoch in batches of 32: 5 steps; with probes every 4 steps: 0.8, then 1.0
     finished_at = [1] if probe_every_steps == "null" else [0.8, 1.0]
     assert [p["epoch"] for p in finished.user_attrs[TrialAttr.PROBES]] == pytest.approx(finished_at)
@@ -271,8 +276,8 @@ def reached(tmp_path: Path, point: str) -> bool:
     return (tmp_path / f"reached-{point}").exists()
 
 
-@pytest.mark.parametrize("point", ["after-ask", "after-first-beat"])
-def test_a_worker_killed_between_claim_and_first_beat_loses_nothing(
+@pytest.mark.parametrize("point", ["in-claim", "after-claim"])
+def test_a_worker_killed_during_or_right_after_its_claim_loses_nothing(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue, point
 ) -> None:
     make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "claimkill", n_trials="2")
@@ -281,6 +286,14 @@ def test_a_worker_killed_between_claim_and_first_beat_loses_nothing(
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     (claimed,) = trials(pg_url, "claimkill")
+    if point == "in-claim":
+        # Killed inside the claim's transaction: the server rolled it back, the baseline
+        # is queued as if nobody had touched it.
+        assert claimed.state == TrialState.WAITING
+        finish([start_worker(pg_url, "claimkill", tmp_path / "art")])
+        ts = trials(pg_url, "claimkill")
+        assert [t.state for t in ts] == [TrialState.COMPLETE] * 2
+        return
     assert claimed.state == TrialState.RUNNING  # the baseline, held by a dead worker
     # Another worker fails it as stale (no heartbeat at all, or one that stopped), re-runs
     # it with the same hyperparameters and finishes exactly the budget.
@@ -290,9 +303,10 @@ def test_a_worker_killed_between_claim_and_first_beat_loses_nothing(
     assert sum(t.state == TrialState.COMPLETE for t in ts) == 2
     assert TrialState.RUNNING not in [t.state for t in ts]
     rerun = next(t for t in ts if t.user_attrs.get(TrialAttr.RETRY_OF) == 0)
-    assert rerun.state == TrialState.COMPLETE and rerun.params == ts[0].system_attrs["fixed_params"]
+    assert rerun.state == TrialState.COMPLETE
+    assert rerun.params == ts[0].system_attrs[SystemAttr.FIXED_PARAMS]
     assert rerun.user_attrs[TrialAttr.RETRY_REASON] == "worker died (heartbeat stale)"
-    assert rerun.user_attrs[TrialAttr.BASELINE] is True  # still the baseline
+    assert rerun.user_attrs[TrialAttr.ROLE] == "baseline"  # still the baseline
 
 
 def test_a_database_outage_during_the_claim_leaves_no_orphan(
@@ -303,10 +317,10 @@ def test_a_database_outage_during_the_claim_leaves_no_orphan(
         url = server.url
         make_study(url, tmp_path, tiny_bert_dir, fixture_glue, "claimcut", n_trials="2")
         worker = start_worker(
-            url, "claimcut", tmp_path / "art", **paused_at("after-ask", tmp_path, 3)
+            url, "claimcut", tmp_path / "art", **paused_at("after-claim", tmp_path, 3)
         )
-        wait_for(lambda: reached(tmp_path, "after-ask"), what="the worker to reach after-ask")
-        server.stop()  # the first beat, right after the pause, meets no database
+        wait_for(lambda: reached(tmp_path, "after-claim"), what="the worker to reach after-claim")
+        server.stop()  # the sampling, right after the pause, meets no database
         time.sleep(6)
         server.start()
         logs = finish([worker])
@@ -391,3 +405,164 @@ def test_the_storage_timeout_is_not_doubled(tmp_path, tiny_bert_dir, fixture_glu
         assert "the storage was unreachable for" in worker.communicate()[0]
     finally:
         server.destroy()
+
+
+def no_traceback(logs: list[str]) -> None:
+    for log in logs:
+        assert "Traceback" not in log, log
+
+
+def test_an_outage_longer_than_the_grace_fails_no_live_trial(
+    tmp_path, tiny_bert_dir, fixture_glue
+) -> None:
+    # Two workers train while PostgreSQL is down for twice the grace period: their
+    # heartbeats cannot reach it, so none of their trials may be failed as stale after
+    # the restart; the workers wait, reconnect and finish exactly the budget.
+    server = PrivatePostgres()
+    try:
+        url = server.url
+        make_study(
+            url, tmp_path, tiny_bert_dir, fixture_glue, "outage", n_trials="3", grace="8",
+            **epochs(14, 12, 14),
+        )  # fmt: skip
+        workers = [start_worker(url, "outage", tmp_path / "art") for _ in range(2)]
+        wait_for(lambda: training(url, "outage", 0) and training(url, "outage", 1), what="2 trials")
+        server.stop()
+        time.sleep(16)
+        server.start()
+        logs = finish(workers)
+        no_traceback(logs)
+        ts = trials(url, "outage")
+        assert [t.state for t in ts] == [TrialState.COMPLETE] * 3  # no FAIL, no retry
+        assert not any(t.user_attrs.get(TrialAttr.RETRY_OF) is not None for t in ts)
+    finally:
+        server.destroy()
+
+
+def test_a_paused_worker_abandons_its_settled_trial_and_goes_on(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    # kill -STOP past the grace: the other worker rightly fails the silent trial as stale
+    # and re-runs it. The paused worker, continued, abandons it with one log line (no
+    # second report, no crash) and goes on claiming.
+    make_study(
+        pg_url, tmp_path, tiny_bert_dir, fixture_glue, "paused", n_trials="4", grace="6",
+        **epochs(14, 1, 14),
+    )  # fmt: skip
+    paused = start_worker(pg_url, "paused", tmp_path / "art")
+    wait_for(lambda: training(pg_url, "paused", 0), what="trial 0 to train")
+    paused.send_signal(signal.SIGSTOP)
+    other = start_worker(pg_url, "paused", tmp_path / "art")
+    wait_for(
+        lambda: trials(pg_url, "paused")[0].state == TrialState.FAIL,
+        timeout=120,
+        what="the silent trial to be failed as stale",
+    )
+    paused.send_signal(signal.SIGCONT)
+    logs = finish([paused, other])
+    no_traceback(logs)
+    assert "trial 0: abandoned" in logs[0], logs[0]
+    ts = trials(pg_url, "paused")
+    assert ts[0].state == TrialState.FAIL
+    rerun = next(t for t in ts if t.user_attrs.get(TrialAttr.RETRY_OF) == 0)
+    assert rerun.state == TrialState.COMPLETE
+    counted = [t for t in ts if t.state != TrialState.FAIL]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+
+
+def test_a_frozen_lock_holder_loses_the_lock_and_nobody_claims_twice(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    # A worker frozen inside its claim's transaction (holding the study's advisory lock)
+    # for longer than LOCK_HOLD_S: the server ends its session, the lock is released, the
+    # other worker goes on; the frozen one, woken, finds its claim rolled back and claims
+    # again. The budget is exact and no trial is taken twice.
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "frozen", n_trials="3")
+    env = {
+        "KDSEARCH_FAULT": "in-claim@2:pause=45",
+        "KDSEARCH_FAULT_REACHED": str(tmp_path / "reached"),
+    }
+    frozen = start_worker(pg_url, "frozen", tmp_path / "art", **env)
+    wait_for(lambda: (tmp_path / "reached").exists(), what="the second claim")
+    start = time.monotonic()
+    other = start_worker(pg_url, "frozen", tmp_path / "art")
+    wait_for(
+        lambda: any(t.state == TrialState.COMPLETE for t in trials(pg_url, "frozen")[1:]),
+        timeout=120,
+        what="the other worker to finish a trial while the holder is frozen",
+    )
+    assert time.monotonic() - start < 45 + 30  # it did not wait for the holder to wake
+    logs = finish([frozen, other])
+    no_traceback(logs)
+    ts = trials(pg_url, "frozen")
+    assert [t.state for t in ts] == [TrialState.COMPLETE] * 3
+    assert len({t.params["learning_rate"] for t in ts}) == 3  # three distinct trials
+
+
+def test_kill_9_during_create_leaves_nothing_and_the_next_create_works(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    text = tiny_spec_text("killed", tiny_bert_dir, fixture_glue / "SST-2")
+    path = write_spec(tmp_path / "killed.yaml", text)
+    env = {
+        **os.environ,
+        "KDSEARCH_FAULT": "in-create:pause=120",
+        "KDSEARCH_FAULT_REACHED": str(tmp_path / "reached"),
+    }
+    create = subprocess.Popen(
+        [*KDSEARCH, "study", "create", str(path), "--storage", pg_url],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    wait_for(lambda: (tmp_path / "reached").exists(), what="the create's transaction")
+    create.send_signal(signal.SIGKILL)
+    create.wait()
+    assert "killed" not in optuna.get_all_study_names(storage=pg_url)  # all or nothing
+    again = kdsearch("study", "create", str(path), "--storage", pg_url)
+    assert again.returncode == 0, again.stderr
+    (baseline,) = trials(pg_url, "killed")
+    assert (
+        baseline.state == TrialState.WAITING and baseline.user_attrs[TrialAttr.ROLE] == "baseline"
+    )
+
+
+def test_a_half_made_study_of_an_earlier_version_is_replaced(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    optuna.create_study(study_name="half", storage=pg_url)  # a row, no spec, no trial
+    text = tiny_spec_text("half", tiny_bert_dir, fixture_glue / "SST-2")
+    result = kdsearch("study", "create", str(write_spec(tmp_path / "half.yaml", text)),
+                      "--storage", pg_url)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "left half-made" in result.stderr
+    assert len(trials(pg_url, "half")) == 1
+
+
+def test_a_full_disk_leaves_no_unreferenced_artifact(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    # "No space left on device" after the trial's first file is written: the worker
+    # removes what it wrote, exits 4 naming the store, and the trial is not charged.
+    make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "full", n_trials="1")
+    art = tmp_path / "art"
+    # (the teacher's prediction files go through Optuna's upload_artifact; the trial's
+    # files through store_files: its first write succeeds, the second finds the disk full)
+    worker = start_worker(pg_url, "full", art, KDSEARCH_FAULT="in-store@1:raise=enospc")
+    assert worker.wait(timeout=120) == 4
+    log = worker.communicate()[0]
+    assert "cannot write to the artifact store" in log and "No space left on device" in log
+    no_traceback([log])
+    study = optuna.load_study(study_name="full", storage=pg_url)
+    referenced = {
+        json.loads(meta)["artifact_id"] if isinstance(meta, str) else meta["artifact_id"]
+        for attrs in [
+            study._storage.get_study_system_attrs(study._study_id),
+            *(t.system_attrs for t in study.trials),
+        ]
+        for key, meta in attrs.items()
+        if key.startswith("artifacts:")
+    }
+    on_disk = {p.name for p in (art / "optuna").rglob("*") if p.is_file()}
+    assert on_disk <= referenced | {"LOCATION"}, on_disk - referenced
+    first, queued = study.trials
+    assert first.state == TrialState.FAIL
+    assert queued.state == TrialState.WAITING and queued.user_attrs[TrialAttr.ATTEMPT] == 0

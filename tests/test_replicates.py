@@ -12,11 +12,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kdsearch.service.racing import aggregate, replicate_seed
+from kdsearch.service.confirmation import answer
+from kdsearch.service.loading import load_spec
+from kdsearch.service.racing import aggregate
 from kdsearch.service.record import TrialAttr, TrialRecord
-from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
+from kdsearch.service.trial_config import confirmation_seed, replicate_seed
 from kdsearch.workers.worker import Worker, WorkerOptions
 from tests.helpers import finish, start_worker, tiny_spec_text, wait_for, write_spec
 
@@ -78,7 +80,7 @@ def test_a_killed_replicate_is_rerun_with_its_seed(
 ) -> None:
     make(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "kill", 3, "{max_seeds: 3}")
     env = {
-        "KDSEARCH_FAULT": "after-first-beat@2:pause=120",  # in its second claim
+        "KDSEARCH_FAULT": "after-claim@2:pause=120",  # after its second claim
         "KDSEARCH_FAULT_REACHED": str(tmp_path / "reached"),
     }
     victim = start_worker(pg_url, "kill", tmp_path / "art", **env)
@@ -111,7 +113,7 @@ def test_status_report_and_dataframe_show_configurations(
     study = kdsearch.load_study("shown", storage=pg_url)
     study.run_worker(threads=1)
     table = cli("status", "--study", "shown", "--storage", pg_url).stdout
-    assert table.startswith("configurations (mean ± sd over seeds [confidence bounds]):")
+    assert table.startswith("configurations (search seeds: mean ± sd [confidence bounds];")
     assert "trials:" in table
     rows = json.loads(
         cli("status", "--study", "shown", "--configurations", "--format", "json",
@@ -126,10 +128,58 @@ def test_status_report_and_dataframe_show_configurations(
     assert baseline.sigma_mean == pytest.approx(sum(sigmas) / 2)
     assert baseline.sigma_sd == pytest.approx(abs(sigmas[0] - sigmas[1]) / 2**0.5)
     assert rows[0]["verdict"] == baseline.verdict
+    # numbers, as the dataframe has them (not "0.0437 ± 0.0005 [...]" strings)
+    assert rows[0]["sigma_mean"] == pytest.approx(baseline.sigma_mean)
+    assert isinstance(rows[0]["sigma_sd"], float) and isinstance(rows[0]["seeds"], int)
     (summary,) = json.loads(
         cli("report", "--study", "shown", "--format", "json", "--storage", pg_url).stdout
     )
-    assert summary["baseline_seeds"] == 2 and summary["baseline_sigma"] == pytest.approx(
-        baseline.sigma_mean
-    )
+    assert summary["baseline"]["seeds"] == 2
+    assert summary["baseline"]["sigma_mean"] == pytest.approx(baseline.sigma_mean)
     assert len(summary["configurations"]) == 2
+
+
+def test_two_workers_confirm_on_held_out_seeds_and_a_killed_one_is_rerun_with_its_seed(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    # Thresholds every trained student meets: the search's pick is a candidate, and its
+    # held-out seeds confirm it. 6 trials, 2 held-out seeds x 2 candidates reserved: the
+    # search gets 2 (the baseline and one sample), then the candidate's 2 held-out seeds.
+    text = tiny_spec_text("held", tiny_bert_dir, fixture_glue / "SST-2", n_trials=6)
+    text += "thresholds: {sigma_max: 1.0, accuracy_drop_max: 1.0}\n"
+    text += "replicates: {confirm_seeds: 2, confirm_candidates: 2, confirm_precision: 1.0}\n"
+    spec = load_spec(write_spec(tmp_path / "held.yaml", text))
+    create_or_attach(open_storage(pg_url), spec)
+    env = {
+        "KDSEARCH_FAULT": "after-claim@3:pause=120",  # its third claim: a held-out seed
+        "KDSEARCH_FAULT_REACHED": str(tmp_path / "reached"),
+    }
+    victim = start_worker(pg_url, "held", tmp_path / "art", **env)
+    wait_for(lambda: (tmp_path / "reached").exists(), what="the third claim")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    held = records(pg_url, "held")
+    killed = next(r for r in held if r.state == TrialState.RUNNING)
+    assert killed.confirmation and killed.seed == confirmation_seed(7, killed.replicate)
+    finish([start_worker(pg_url, "held", tmp_path / "art") for _ in range(2)])
+    done = records(pg_url, "held")
+    counted = [r for r in done if r.state != TrialState.FAIL]
+    assert len(counted) <= 6  # the budget stays exact (the kill's slot is its re-run's)
+    rerun = next(r for r in done if r.retry_of == killed.number)
+    assert rerun.state == TrialState.COMPLETE and rerun.confirmation
+    assert (rerun.config, rerun.replicate, rerun.seed) == (
+        killed.config,
+        killed.replicate,
+        killed.seed,
+    )
+    held_out = [r for r in done if r.confirmation and r.state == TrialState.COMPLETE]
+    assert len(held_out) == 2 and len({r.config for r in held_out}) == 1
+    search_seeds = {r.seed for r in done if not r.confirmation}
+    assert not search_seeds & {r.seed for r in held_out}
+    judged = aggregate(done, spec)
+    found = answer(judged, spec)
+    assert found is not None and found.confirmed
+    assert sorted(found.trials) == sorted(r.number for r in held_out)
+    assert found.sigma == pytest.approx(sum(r.sigma for r in held_out) / 2)
+    # confirmed: the study stopped early, with the second candidate's reserve unused
+    assert len(counted) == 4

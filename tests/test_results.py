@@ -24,10 +24,10 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from optuna_dashboard import get_note
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from kdsearch.service.report import summarize
-from kdsearch.service.spec import load_spec
+from kdsearch.service.loading import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach, load_stored_spec
+from kdsearch.service.summary import summarize_study
 from kdsearch.workers.predictions import read_predictions
 from kdsearch.workers.progress import Progress
 from kdsearch.workers.worker import Worker, WorkerOptions
@@ -87,19 +87,17 @@ def test_every_trial_has_its_predictions_and_figures(finished: dict) -> None:
             assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
 
 
-def test_study_note_summarises_baseline_and_best(finished: dict) -> None:
+def test_study_note_names_the_answer_and_the_baseline(finished: dict) -> None:
     study = optuna.load_study(study_name="results", storage=finished["url"])
     note = get_note(study)
     baseline = study.trials[0]
     assert note.startswith("# results")
     assert f"**baseline** (the paper's defaults): sigma {baseline.values[0]:.4f}" in note
-    summary = summarize(study, load_stored_spec(open_storage(finished["url"]), "results"))
-    assert (
-        f"trials: {summary.n_feasible} feasible, {summary.n_infeasible} infeasible, "
-        "0 pruned, 0 failed" in note
-    )
-    assert summary.n_feasible + summary.n_infeasible == 3
-    assert "0 running" in note  # updated after the last trial
+    summary = summarize_study(study, load_stored_spec(open_storage(finished["url"]), "results"))
+    assert summary.answer is not None
+    assert f"**answer**: `{summary.answer.config}` (best candidate, not confirmed)" in note
+    assert "trials: 3 complete, 0 pruned, 0 failed, 0 running" in note  # after the last
+    assert "Optuna's *Best Trials* is the trial-level Pareto front" in note
 
 
 def test_report_table_and_files(finished: dict) -> None:
@@ -111,16 +109,27 @@ def test_report_table_and_files(finished: dict) -> None:
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     study = optuna.load_study(study_name="results", storage=finished["url"])
-    assert row["baseline_sigma"] == study.trials[0].values[0]
+    assert row["baseline"]["sigma_mean"] == study.trials[0].values[0]  # numbers, not text
     feasible = [t for t in study.trials if t.values[0] <= 0.5 and t.values[1] <= 0.5]
     best = min(feasible, key=lambda t: t.values)
-    assert (row["best_trial"], row["best_sigma"]) == (best.number, best.values[0])
-    assert row["n_feasible"] + row["n_infeasible"] == 3 and row["n_failed"] == 0
+    assert (row["answer_trial"], row["answer_sigma"]) == (best.number, best.values[0])
+    assert row["answer_confirmed"] is False  # one seed each: a candidate, not confirmed
+    assert row["n_complete"] == 3 and row["n_failed"] == 0
+    assert row["n_configurations"] == 3 and row["n_feasible_configurations"] == len(feasible)
     assert row["cpu_hours"] > 0 and row["gpu_hours"] == 0
     assert (out / "report.json").is_file()
     assert (out / "results-pareto.png").read_bytes()[:8] == PNG
     md = kdsearch("report", "--study", "results", "--storage", finished["url"]).stdout
-    assert md.splitlines()[0].startswith("| study | task | student | baseline sigma_train |")
+    header = md.splitlines()[0]
+    assert header.startswith("| study | task | student | teacher dev acc | baseline sigma_train |")
+    assert header.count("seeds") == 2 and "baseline seeds" in header and "answer seeds" in header
+    csv_text = kdsearch(
+        "report", "--study", "results", "--format", "csv", "--storage", finished["url"]
+    ).stdout
+    import csv as csv_module
+
+    (csv_row,) = list(csv_module.DictReader(io.StringIO(csv_text)))
+    assert csv_row["answer_config"] == row["answer"]["config"]
     unknown = kdsearch(
         "report", "--study", "results", "--study", "nope", "--storage", finished["url"]
     )
@@ -242,10 +251,35 @@ def test_dashboard_started_elsewhere_warns_about_unreadable_artifacts(
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def _set_keyed_constraint(url: str, trial_number: int, value: float) -> float:
+    """Set trial ``trial_number``'s ``constraints:sigma`` (finished trials take no writes
+    through Optuna); returns the value it had."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    select = (
+        "SELECT a.value_json FROM trial_system_attributes a JOIN trials t ON t.trial_id = "
+        "a.trial_id WHERE t.number = :n AND a.key = 'constraints:sigma'"
+    )
+    update = (
+        "UPDATE trial_system_attributes SET value_json = :v FROM trials t WHERE t.trial_id = "
+        "trial_system_attributes.trial_id AND t.number = :n AND "
+        "trial_system_attributes.key = 'constraints:sigma'"
+    )
+    with engine.begin() as conn:
+        old = json.loads(conn.execute(sqlalchemy.text(select), {"n": trial_number}).scalar_one())
+        conn.execute(sqlalchemy.text(update), {"n": trial_number, "v": json.dumps(value)})
+    engine.dispose()
+    return old
+
+
 def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
     # Started from another folder, without --artifacts: the study's recorded location.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # One trial made infeasible through its keyed (Optuna 5) constraint: the dashboard,
+    # which reads the list format, must still mark it.
+    old = _set_keyed_constraint(finished["url"], 2, 0.25)
     server, base = _dashboard(finished["url"], elsewhere)
     try:
         with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
@@ -256,9 +290,12 @@ def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
             detail = json.loads(r.read())
         assert detail["objective_names"] == ["sigma", "accuracy_drop"]
         for trial in detail["trials"]:
-            assert len(trial["constraints"]) == 2  # the dashboard reads them
+            # kdsearch records them through the trial (constraints:sigma, ...); the
+            # dashboard reads them in the list it knows
+            assert len(trial["constraints"]) == 2
             names = {a["filename"] for a in trial["artifacts"]}
             assert {"confidence_delta_histogram.png", "student_train.csv"} <= names
+        assert detail["trials"][2]["constraints"][0] == pytest.approx(0.25)
         assert detail["note"]["body"].startswith("# results")
 
         # Through the page, rendered by Chromium.
@@ -267,6 +304,8 @@ def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
         text = _page_text(f"{base}/dashboard/studies/{study_id}", tmp_path / "p1", shot)
         for expected in ("Pareto Front", "Objective X: sigma", "Objective Y: accuracy_drop"):
             assert expected in text, text[:2000]
+        # the timeline's legend: complete trials, and the one marked infeasible
+        assert "Complete Infeasible" in text, text[:3000]
         assert shot.read_bytes()[:8] == PNG
         trial_page = _page_text(
             f"{base}/dashboard/studies/{study_id}/trials?numbers=0", tmp_path / "p2"
@@ -298,3 +337,4 @@ def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
         assert width is not None and width.group(1) == "500", dom  # 5 in x 100 dpi
     finally:
         _stop(server)
+        _set_keyed_constraint(finished["url"], 2, old)

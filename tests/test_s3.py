@@ -35,11 +35,11 @@ from kdsearch.service.artifacts import (
     resolve_cache_dir,
 )
 from kdsearch.service.errors import KdsearchError
+from kdsearch.service.loading import load_spec
 from kdsearch.service.record import StudyAttr
-from kdsearch.service.spec import load_spec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
-from kdsearch.workers.assets import AssetCache, open_asset_cache
+from kdsearch.workers.cache import AssetCache, open_asset_cache
 from kdsearch.workers.metrics import confidence_stats
 from kdsearch.workers.predictions import read_predictions
 from tests.helpers import ROOT, tiny_spec_text, write_spec
@@ -131,7 +131,8 @@ def test_assets_are_built_once_and_fetched_on_other_machines(
     assert len(builds) == 1, builds
     contents = [_folder_bytes(folders[f"m{i}"]) for i in range(3)]
     assert contents[0] == contents[1] == contents[2]
-    assert set(contents[0]) == {"teacher/config.json", "assets.pt"}
+    # the files, and each machine's record of them (checked whenever it opens the folder)
+    assert set(contents[0]) == {"teacher/config.json", "assets.pt", "MANIFEST.json"}
     assert sum("fetching study assets from S3" in r.message for r in caplog.records) == 2
     manifest = json.loads(
         boto3.client("s3")

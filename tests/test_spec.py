@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from kdsearch.service.errors import SpecError
-from kdsearch.service.spec import StudySpec, load_spec, spec_from_dict
+from kdsearch.service.loading import load_spec, spec_from_dict
+from kdsearch.service.spec import StudySpec
+from kdsearch.workers.preflight import path_problems
 from tests.helpers import ROOT, tiny_spec_text
 
 SHIPPED = sorted((ROOT / "studies").rglob("*.yaml"))
@@ -48,7 +50,7 @@ def good(tiny_bert_dir: Path, fixture_glue: Path) -> dict:
 
 def _problems(raw: dict) -> list[str]:
     with pytest.raises(SpecError) as info:
-        spec_from_dict(raw, source="test.yaml")
+        spec_from_dict(raw, source="test.yaml", checks=path_problems)
     return info.value.problems
 
 

@@ -1,4 +1,5 @@
-"""Study lifecycle on both storage backends: creation, attach, baseline, budget, feasibility."""
+"""Study lifecycle on both storage backends: creation, attach, baseline, budget, the claim's
+trial config, feasibility through Optuna 5's constraint API, deletion."""
 
 from __future__ import annotations
 
@@ -9,23 +10,40 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kdsearch.service.claim import Claim, ClaimedTrial, StudyView, claim_trial
 from kdsearch.service.errors import KdsearchError
-from kdsearch.service.record import StudyAttr, TrialAttr, TrialOutcome, TrialRecord
-from kdsearch.service.spec import StudySpec, load_spec
-from kdsearch.service.storage import open_storage
-from kdsearch.service.study import (
-    METRIC_NAMES,
-    Claim,
+from kdsearch.service.loading import load_spec
+from kdsearch.service.record import (
+    OBJECTIVES,
+    StudyAttr,
+    SystemAttr,
+    TeacherFigures,
+    TrialAttr,
+    TrialOutcome,
+    TrialRecord,
+    placement_attrs,
+    set_study_attr,
+)
+from kdsearch.service.recovery import halted_reason, unhalt
+from kdsearch.service.sampler import (
     build_sampler,
-    claim_trial,
-    create_or_attach,
-    halted_reason,
-    load_stored_spec,
+    constraint_values,
+    record_constraints,
+    sampler_seed,
+)
+from kdsearch.service.spec import StudySpec
+from kdsearch.service.storage import open_storage
+from kdsearch.service.study import create_or_attach, delete_study, load_stored_spec
+from kdsearch.service.trial_config import (
+    Role,
+    TrialConfig,
+    config_id,
+    replicate_seed,
     trial_hyperparameters,
-    unhalt,
-    worker_seed,
 )
 from tests.helpers import tiny_spec_text, write_spec
+
+TEACHER = TeacherFigures(dev_accuracy=0.8, train_accuracy=0.9, n_dev=64)
 
 
 def outcome(sigma: float, drop: float, accuracy: float = 0.8) -> TrialOutcome:
@@ -33,14 +51,41 @@ def outcome(sigma: float, drop: float, accuracy: float = 0.8) -> TrialOutcome:
     figures = {name: 0.0 for name in TrialOutcome.REQUIRED}
     lists = ("epoch_losses", "train_sigma_per_class", "dev_sigma_per_class")
     figures.update({name: [0.0] for name in lists})
-    figures.update(sigma=sigma, accuracy_drop=drop, student_dev_accuracy=accuracy)
+    figures.update(
+        sigma=sigma, accuracy_drop=drop, student_dev_accuracy=accuracy,
+        teacher_dev_accuracy=TEACHER.dev_accuracy, dev_n_total=64,
+    )  # fmt: skip
     return TrialOutcome(**figures)
+
+
+def finish(
+    view: StudyView, claimed: ClaimedTrial, sigma: float, drop: float, spec: StudySpec
+) -> None:
+    """Settle a claimed trial as a worker would: outcome, constraints, values."""
+    storage = view.study._storage._backend
+    storage.set_trial_user_attrs(claimed.trial._trial_id, outcome(sigma, drop, 0.8 - drop).attrs())
+    record_constraints(claimed.trial, constraint_values(sigma, drop, spec.thresholds))
+    view.study.tell(claimed.trial, [sigma, drop])
 
 
 @pytest.fixture()
 def spec(tmp_path: Path, tiny_bert_dir: Path, fixture_glue: Path) -> StudySpec:
     text = tiny_spec_text("s1", tiny_bert_dir, fixture_glue / "SST-2", n_trials=3)
     return load_spec(write_spec(tmp_path / "s1.yaml", text))
+
+
+def views(storage_url: str, spec: StudySpec, n: int = 1) -> list[StudyView]:
+    """Workers' views of the study (each its own storage and Optuna cache)."""
+    out = []
+    for _ in range(n):
+        storage = open_storage(storage_url)
+        out.append(StudyView(optuna.load_study(study_name=spec.name, storage=storage)))
+    set_study_attr(out[0].study, StudyAttr.TEACHER, TEACHER.as_dict())
+    return out
+
+
+def claim(view: StudyView, spec: StudySpec) -> ClaimedTrial | Claim:
+    return claim_trial(view, spec, view.study._storage._backend, "fp32")
 
 
 def test_create_stores_spec_metric_names_and_one_baseline(
@@ -50,17 +95,16 @@ def test_create_stores_spec_metric_names_and_one_baseline(
     assert create_or_attach(storage, spec) is True
     assert create_or_attach(storage, spec) is False  # same spec: attach, nothing added
     study = optuna.load_study(study_name="s1", storage=storage)
-    assert study.metric_names == METRIC_NAMES
+    assert study.metric_names == list(OBJECTIVES)
     assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
     assert study.user_attrs[StudyAttr.SPEC] == spec.to_json_dict()
     assert load_stored_spec(storage, "s1") == spec
     waiting = study.get_trials(states=[TrialState.WAITING])
     assert len(study.trials) == 1 and len(waiting) == 1
     # an enqueued trial keeps its values as fixed params until a worker claims it
-    assert waiting[0].system_attrs["fixed_params"] == {
-        "learning_rate": 1e-3, "batch_size": 32, "epochs": 1,
-    }  # fmt: skip
-    assert waiting[0].user_attrs[TrialAttr.BASELINE] is True
+    params = {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}
+    assert waiting[0].system_attrs[SystemAttr.FIXED_PARAMS] == params
+    assert waiting[0].user_attrs == placement_attrs(config_id(params), 0, 7, Role.BASELINE)
 
 
 def test_concurrent_creates_enqueue_the_baseline_once(pg_url: str, spec: StudySpec) -> None:
@@ -78,16 +122,9 @@ def test_create_with_a_different_spec_is_refused_and_names_the_difference(
 ) -> None:
     storage = open_storage(storage_url)
     create_or_attach(storage, spec)
-    changed = spec.model_copy(update={"n_trials": 9, "seed": 1})
-    with pytest.raises(KdsearchError) as info:
-        create_or_attach(storage, changed)
-    message = str(info.value)
-    assert "n_trials: stored 3, given 9" in message
-    assert "seed: stored 7, given 1" in message
-    assert (
-        optuna.load_study(study_name="s1", storage=storage).user_attrs[StudyAttr.SPEC]["n_trials"]
-        == 3
-    )
+    other = spec.model_copy(update={"n_trials": 99})
+    with pytest.raises(KdsearchError, match=r"n_trials: stored 3, given 99"):
+        create_or_attach(storage, other)
 
 
 def test_unknown_study_lists_the_existing_ones(storage_url: str, spec: StudySpec) -> None:
@@ -97,58 +134,86 @@ def test_unknown_study_lists_the_existing_ones(storage_url: str, spec: StudySpec
         load_stored_spec(storage, "nope")
 
 
-def test_claim_trial_enforces_the_global_budget(storage_url: str, spec: StudySpec) -> None:
-    storage = open_storage(storage_url)
-    create_or_attach(storage, spec)
-    # Two "workers" with their own samplers share one budget of 3.
-    studies = [
-        optuna.load_study(
-            study_name="s1", storage=storage, sampler=build_sampler(spec, worker_seed(spec, w))
-        )
-        for w in ("a", "b")
-    ]
-    first = claim_trial(studies[0], spec, storage)
-    assert isinstance(first, optuna.Trial) and first.number == 0
-    assert first.params == {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}  # baseline
-    second = claim_trial(studies[1], spec, storage)
-    third = claim_trial(studies[0], spec, storage)
-    assert isinstance(second, optuna.Trial) and isinstance(third, optuna.Trial)
+def test_claim_trial_enforces_the_global_budget_and_hands_down_the_config(
+    storage_url: str, spec: StudySpec
+) -> None:
+    create_or_attach(open_storage(storage_url), spec)
+    a, b = views(storage_url, spec, 2)  # two workers share one budget of 3
+    first = claim(a, spec)
+    assert isinstance(first, ClaimedTrial) and first.number == 0
+    assert first.trial.params == {"learning_rate": 1e-3, "batch_size": 32, "epochs": 1}
+    # the claim resolved the config once and recorded it as it hands it down
+    config = first.config
+    assert config is not None and config.role == Role.BASELINE and config.seed == 7
+    assert config.hyperparameters == trial_hyperparameters(spec, first.trial.params)
+    assert config.reference.kind == "teacher" and config.reference.accuracy == 0.8
+    assert config.protected and config.precision == "fp32"
+    stored = a.study._storage._backend.get_trial(first.trial._trial_id)
+    assert TrialConfig.from_attr(stored.user_attrs[TrialAttr.TRIAL_CONFIG]) == config
+    second, third = claim(b, spec), claim(a, spec)
+    assert isinstance(second, ClaimedTrial) and isinstance(third, ClaimedTrial)
+    assert second.config is not None and second.config.role == Role.SEARCH
+    assert not second.config.protected  # a new configuration's first seed can be pruned
     # 3 running: no slot, but a running trial may still fail -> wait
-    assert claim_trial(studies[1], spec, storage) is Claim.WAIT
-    studies[0].tell(first, [0.04, 0.0])
-    studies[1].tell(second, state=TrialState.FAIL)
+    assert claim(b, spec) is Claim.WAIT
+    finish(a, first, 0.04, 0.0, spec)
+    b.study.tell(second.trial, state=TrialState.FAIL)
     # A failed trial frees its slot; finished ones do not.
-    fourth = claim_trial(studies[1], spec, storage)
-    assert isinstance(fourth, optuna.Trial) and fourth.number == 3
-    assert claim_trial(studies[0], spec, storage) is Claim.WAIT
-    for trial in (third, fourth):
-        studies[0].tell(trial, [0.1, 0.1])
-    assert claim_trial(studies[0], spec, storage) is Claim.DONE
+    fourth = claim(b, spec)
+    assert isinstance(fourth, ClaimedTrial) and fourth.number == 3
+    assert claim(a, spec) is Claim.WAIT
+    for claimed in (third, fourth):
+        finish(a, claimed, 0.1, 0.1, spec)
+    assert claim(a, spec) is Claim.DONE
 
 
-def test_samplers_differ_per_worker_but_are_rebuilt_from_the_spec(spec: StudySpec) -> None:
-    assert worker_seed(spec, "host:1") == worker_seed(spec, "host:1")
-    assert worker_seed(spec, "host:1") != worker_seed(spec, "host:2")
-    sampler = build_sampler(spec, 0)
-    assert isinstance(sampler, optuna.samplers.TPESampler)
+def test_the_sampler_seed_is_the_trial_numbers_so_one_worker_replays_a_study(
+    spec: StudySpec,
+) -> None:
+    assert sampler_seed(spec, 3) == sampler_seed(spec, 3)  # every worker, every run
+    assert sampler_seed(spec, 3) != sampler_seed(spec, 4)  # workers claim other numbers
+    other = spec.model_copy(update={"seed": 8})
+    assert sampler_seed(other, 3) != sampler_seed(spec, 3)
+    assert isinstance(build_sampler(spec, 0), optuna.samplers.TPESampler)
 
 
-def test_constraints_mark_feasibility(storage_url: str, spec: StudySpec) -> None:
-    storage = open_storage(storage_url)
-    create_or_attach(storage, spec)
-    study = optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, 0))
+def test_constraints_go_through_the_trial_and_mark_feasibility(
+    storage_url: str, spec: StudySpec
+) -> None:
+    create_or_attach(open_storage(storage_url), spec)
+    (view,) = views(storage_url, spec)
     outcomes = []
     for sigma, drop in [(0.03, 0.005), (0.08, 0.0), (0.01, 0.02)]:
-        trial = claim_trial(study, spec, storage)
-        assert isinstance(trial, optuna.Trial)
-        trial.set_user_attr("sigma", sigma)
-        trial.set_user_attr("accuracy_drop", drop)
-        study.tell(trial, [sigma, drop])
-        outcomes.append(TrialRecord.of(study.trials[trial.number]).feasible)
+        claimed = claim(view, spec)
+        assert isinstance(claimed, ClaimedTrial)
+        finish(view, claimed, sigma, drop, spec)
+        outcomes.append(TrialRecord.of(view.study.trials[claimed.number]).feasible)
     assert outcomes == [True, False, False]
-    assert study.trials[1].system_attrs["constraints"] == pytest.approx([0.03, -0.01])
+    system = view.study.trials[1].system_attrs
+    # Optuna 5's keyed constraints, not the deprecated constraints_func's list
+    assert SystemAttr.CONSTRAINTS not in system
+    assert system["constraints:sigma"] == pytest.approx(0.03)
+    assert system["constraints:accuracy_drop"] == pytest.approx(-0.01)
+    assert view.study.trials[1].constraints == pytest.approx(
+        {"sigma": 0.03, "accuracy_drop": -0.01}
+    )
     # best_trials keeps only feasible Pareto-optimal trials
-    assert [t.number for t in study.best_trials] == [0]
+    assert [t.number for t in view.study.best_trials] == [0]
+
+
+def test_trials_of_earlier_versions_are_read_with_their_listed_constraints(
+    storage_url: str, spec: StudySpec
+) -> None:
+    create_or_attach(open_storage(storage_url), spec)
+    study = optuna.load_study(study_name="s1", storage=storage_url)
+    trial = study.ask()
+    # as constraints_func wrote them, and without a role or trial config
+    study._storage.set_trial_system_attr(trial._trial_id, SystemAttr.CONSTRAINTS, [0.01, -0.01])
+    study._storage.set_trial_user_attr(trial._trial_id, TrialAttr.LEGACY_BASELINE, True)
+    study.tell(trial, [0.06, 0.0])
+    record = TrialRecord.of(study.trials[-1])
+    assert record.constraints == (0.01, -0.01) and record.feasible is False
+    assert record.baseline and record.trial_config is None
 
 
 def test_trial_hyperparameters_merge_searched_values_over_defaults(spec: StudySpec) -> None:
@@ -157,19 +222,23 @@ def test_trial_hyperparameters_merge_searched_values_over_defaults(spec: StudySp
     assert (hp.weight_decay, hp.temperature, hp.warmup_proportion) == (1e-4, 1.0, 0.1)
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
-def test_every_sampler_records_feasibility(tmp_path: Path, spec: StudySpec, sampler: str) -> None:
-    spec = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"name": sampler})})
-    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
-    create_or_attach(storage, spec)
-    study = optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, 0))
-    for sigma in (0.01, 0.2):
-        trial = claim_trial(study, spec, storage)
-        assert isinstance(trial, optuna.Trial)
-        trial.set_user_attr("sigma", sigma)
-        trial.set_user_attr("accuracy_drop", 0.0)
-        study.tell(trial, [sigma, 0.0])
-    assert [TrialRecord.of(t).feasible for t in study.trials] == [True, False]
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "nsga2", "random"])
+def test_every_sampler_records_feasibility_and_samples_in_range(
+    tmp_path: Path, spec: StudySpec, sampler: str
+) -> None:
+    spec = spec.model_copy(
+        update={"sampler": spec.sampler.model_copy(update={"name": sampler, "n_startup_trials": 1})}
+    )
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_or_attach(open_storage(url), spec)
+    (view,) = views(url, spec)
+    for sigma in (0.01, 0.2, 0.03):
+        claimed = claim(view, spec)
+        assert isinstance(claimed, ClaimedTrial)
+        lr = claimed.trial.params["learning_rate"]
+        assert 1e-5 <= lr <= 1e-2
+        finish(view, claimed, sigma, 0.0, spec)
+    assert [TrialRecord.of(t).feasible for t in view.study.trials] == [True, False, True]
 
 
 def test_with_the_baseline_as_reference_nothing_else_runs_before_it(
@@ -177,28 +246,31 @@ def test_with_the_baseline_as_reference_nothing_else_runs_before_it(
 ) -> None:
     thresholds = spec.thresholds.model_copy(update={"accuracy_reference": "baseline"})
     spec = spec.model_copy(update={"thresholds": thresholds})
-    storage = open_storage(storage_url)
-    create_or_attach(storage, spec)
-    studies = [
-        optuna.load_study(study_name="s1", storage=storage, sampler=build_sampler(spec, i))
-        for i in range(2)
-    ]
-    baseline = claim_trial(studies[0], spec, storage)
-    assert isinstance(baseline, optuna.Trial) and baseline.number == 0
-    assert claim_trial(studies[1], spec, storage) is Claim.WAIT  # the baseline is running
-    studies[0].tell(baseline, state=TrialState.FAIL)  # failed, not re-queued: study halted
-    assert claim_trial(studies[1], spec, storage) is Claim.HALTED
-    assert "the baseline (trial 0" in (halted_reason(storage, "s1") or "")
+    create_or_attach(open_storage(storage_url), spec)
+    a, b = views(storage_url, spec, 2)
+    baseline = claim(a, spec)
+    assert isinstance(baseline, ClaimedTrial) and baseline.number == 0
+    assert baseline.config is not None and baseline.config.is_baseline_reference
+    assert claim(b, spec) is Claim.WAIT  # the baseline is running
+    a.study.tell(baseline.trial, state=TrialState.FAIL)  # failed, not re-queued: halted
+    assert claim(b, spec) is Claim.HALTED
+    assert "the baseline (trial 0" in (halted_reason(a.study._storage, "s1") or "")
     # re-queued (as a retry would be): it runs first, then the others may start
-    studies[0].enqueue_trial(baseline.params, user_attrs={TrialAttr.BASELINE: True})
-    assert unhalt(storage, "s1")
-    rerun = claim_trial(studies[1], spec, storage)
-    assert isinstance(rerun, optuna.Trial) and rerun.user_attrs[TrialAttr.BASELINE]
-    assert claim_trial(studies[0], spec, storage) is Claim.WAIT
-    for key, value in outcome(0.04, 0.0).attrs().items():
-        rerun.set_user_attr(key, value)
-    studies[1].tell(rerun, [0.04, 0.0])
-    assert isinstance(claim_trial(studies[0], spec, storage), optuna.Trial)
+    params = baseline.trial.params
+    a.study.enqueue_trial(
+        params, user_attrs=placement_attrs(config_id(params), 0, 7, Role.BASELINE)
+    )
+    assert unhalt(a.study._storage._backend, "s1")
+    rerun = claim(b, spec)
+    assert isinstance(rerun, ClaimedTrial) and rerun.config is not None
+    assert rerun.config.role == Role.BASELINE
+    assert claim(a, spec) is Claim.WAIT
+    finish(b, rerun, 0.04, 0.0, spec)
+    nxt = claim(a, spec)
+    assert isinstance(nxt, ClaimedTrial) and nxt.config is not None
+    # measured against the baseline's mean dev accuracy over its seeds (one so far)
+    assert (nxt.config.reference.kind, nxt.config.reference.accuracy) == ("baseline", 0.8)
+    assert nxt.config.baseline_accuracy == 0.8
 
 
 def test_a_study_created_before_a_key_existed_still_attaches(
@@ -210,4 +282,20 @@ def test_a_study_created_before_a_key_existed_still_attaches(
     older = spec.to_json_dict()
     del older["replicates"]  # as stored by a version without seed replicates
     study.set_user_attr(StudyAttr.SPEC, older)
-    assert create_or_attach(storage, spec) is False  # attached: defaults fill the new key
+    assert create_or_attach(storage, spec) is False
+    assert load_stored_spec(storage, "s1") == spec
+
+
+def test_delete_removes_the_study_and_a_new_create_makes_it_afresh(
+    storage_url: str, spec: StudySpec
+) -> None:
+    storage = open_storage(storage_url)
+    create_or_attach(storage, spec)
+    assert delete_study(storage, "s1") == 1
+    with pytest.raises(KdsearchError, match="does not exist"):
+        load_stored_spec(storage, "s1")
+    assert create_or_attach(storage, spec) is True
+
+
+def test_replicate_seeds_are_those_of_the_study(spec: StudySpec) -> None:
+    assert replicate_seed(spec.seed, 0) == spec.seed

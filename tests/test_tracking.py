@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -18,6 +19,7 @@ from optuna.trial import TrialState
 import kdsearch
 from kdsearch.service.record import StudyAttr, TrialAttr
 from kdsearch.service.status import _duration, live_view
+from kdsearch.service.summary import judge_study, read_records, summarize
 from tests.helpers import tiny_spec_text
 
 pytestmark = pytest.mark.slow
@@ -60,7 +62,7 @@ def test_each_trial_is_a_nested_mlflow_run(tracked: dict) -> None:
     for record in (baseline, pruned):
         run = runs[f"trial {record.number}"]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert record.tracking == {"mlflow_run_id": run.info.run_id, **record.tracking}
+        assert record.tracking.mlflow_run_id == run.info.run_id
         # every hyperparameter, searched or fixed, and the replicate's seed
         assert float(run.data.params["learning_rate"]) == record.params.get(
             "learning_rate", record.hyperparameters["learning_rate"]
@@ -95,7 +97,7 @@ def test_each_trial_has_a_tensorboard_folder(tracked: dict) -> None:
     baseline, pruned = tracked["study"].records()
     for record in (baseline, pruned):
         folder = tracked["tensorboard"] / "tracked" / f"trial-{record.number}"
-        assert record.tracking["tensorboard"] == str(folder)
+        assert record.tracking.tensorboard == str(folder)
         events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
         events.Reload()
         probes = [e.value for e in events.Scalars("probe/sigma")]
@@ -121,16 +123,23 @@ def test_the_probe_curve_is_a_trial_artifact(tracked: dict) -> None:
     assert "probe_curve.png" in baseline.artifacts
 
 
+def _view(study: kdsearch.Study, spec: Any = None) -> str:
+    spec = spec or study.spec
+    records = read_records(study.optuna)
+    summary = summarize(records, spec, judge_study(records, spec, study.optuna))
+    return live_view(records, summary, spec, now=datetime.datetime.now())
+
+
 def test_live_view_of_a_finished_study(tracked: dict) -> None:
     study: kdsearch.Study = tracked["study"]
-    text = live_view(study.optuna, study.spec)
+    text = _view(study)
     lines = text.splitlines()
     assert lines[0] == (
         "study tracked: 2/2 trials done (1 complete, 1 pruned), 0 running, 0 queued, "
         "0 failed (retried)"
     )
     # kappa 0.0001: the baseline is not feasible, and the pruned trial has no verdict
-    assert lines[1] == "best feasible: none yet"
+    assert lines[1] == "answer: none yet"
     assert lines[-1] == "time left: none: the budget is spent"
     # the command stops by itself once the budget is spent
     out = subprocess.run(
@@ -156,18 +165,20 @@ def test_live_view_shows_running_trials_progress_and_time_left(tracked: dict) ->
     storage.set_trial_user_attr(running._trial_id, TrialAttr.WORKER_HOST, "gpu-7")
     bigger = study.spec.model_copy(update={"n_trials": 6})  # 4 trials left to run
     try:
-        text = live_view(study.optuna, bigger, now=datetime.datetime.now())
+        text = _view(study, bigger)
     finally:
         study.optuna.tell(running, state=TrialState.FAIL)
     assert "2/6 trials done (1 complete, 1 pruned), 1 running, 0 queued" in text
     assert (
-        f"  trial {running.number} on gpu-7: distillation step 5/20 (25%), about 90 s to go in it"
-        in text
+        f"  trial {running.number} (search) on gpu-7: distillation step 5/20 (25%), about 90 s "
+        "to go in it" in text
     )
     # one trial at a time, each as long as the one complete trial took
     mean = study.records()[0].elapsed_s
     expected = _duration(mean * 4)
-    assert text.splitlines()[-1] == f"time left: about {expected} for 4 trials at 1 at a time"
+    assert text.splitlines()[-1] == (
+        f"time left: about {expected} for at most 4 trials at 1 at a time"
+    )
 
 
 def test_the_heartbeat_publishes_the_running_trainings_progress(storage_url: str) -> None:
@@ -179,11 +190,12 @@ def test_the_heartbeat_publishes_the_running_trainings_progress(storage_url: str
     storage = open_storage(storage_url)
     study = optuna.create_study(study_name="beat", storage=storage)
     trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
     progress = Progress(total_steps=10, label="distillation", stream=io.StringIO())
     for _ in range(3):
         progress.advance()
     try:
-        with Heartbeat(study, trial._trial_id, 0.1, storage):
+        with Heartbeat(study, storage, trial._trial_id, 0.1):
             time.sleep(0.5)
             progress.advance()
             time.sleep(0.5)

@@ -10,19 +10,15 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from kdsearch.service.loading import load_spec
 from kdsearch.service.record import ProbePoint
-from kdsearch.service.spec import StudentSpec, StudySpec, TrainingSpec, load_spec
-from kdsearch.workers.assets import (
-    AssetCache,
-    StudyAssets,
-    load_study_teacher,
-    prepare_assets,
-)
-from kdsearch.workers.device import bf16_hardware, training_dtype
+from kdsearch.service.spec import StudentSpec, StudySpec, TrainingSpec
+from kdsearch.workers.assets import StudyAssets, prepare_assets
+from kdsearch.workers.cache import AssetCache
+from kdsearch.workers.device import bf16_hardware, dtype_of, resolve_precision
 from kdsearch.workers.inference import predict_logits, probabilities
-from kdsearch.workers.models import forget_loaded, load_student
-from kdsearch.workers.trial import build_trial
-from tests.helpers import tiny_spec_text, write_spec
+from kdsearch.workers.models import Loading, forget_loaded, fresh_student, shared_teacher
+from tests.helpers import make_trial, tiny_spec_text, write_spec
 
 CPU = torch.device("cpu")
 
@@ -42,7 +38,7 @@ def assets(spec: StudySpec, tmp_path_factory: pytest.TempPathFactory) -> StudyAs
 def test_assets_are_computed_once_and_reused(
     spec: StudySpec, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kdsearch.workers.assets")
+    caplog.set_level(logging.INFO, logger="kdsearch.workers")
     first = prepare_assets(spec, AssetCache(tmp_path), CPU)
     second = prepare_assets(spec, AssetCache(tmp_path), CPU)
     messages = [r.getMessage() for r in caplog.records]
@@ -68,21 +64,21 @@ def test_teacher_fine_tuning_learns_the_task(assets: StudyAssets) -> None:
 
 def test_same_trial_same_numbers(spec: StudySpec, assets: StudyAssets) -> None:
     params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2}
-    first = build_trial(spec, assets, params, CPU).run()
-    second = build_trial(spec, assets, params, CPU).run()
+    first = make_trial(spec, assets, params, CPU).run()
+    second = make_trial(spec, assets, params, CPU).run()
     assert first.sigma == second.sigma
     assert first.accuracy_drop == second.accuracy_drop
     np.testing.assert_array_equal(first.student_probs_train, second.student_probs_train)
     assert first.outcome.epoch_losses == second.outcome.epoch_losses
     assert len(first.outcome.epoch_losses) == 2
     # a different learning rate gives a different student
-    other = build_trial(spec, assets, {**params, "learning_rate": 1e-4}, CPU).run()
+    other = make_trial(spec, assets, {**params, "learning_rate": 1e-4}, CPU).run()
     assert other.sigma != first.sigma
 
 
 def test_recorded_figures_are_consistent(spec: StudySpec, assets: StudyAssets) -> None:
     params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 1}
-    o = build_trial(spec, assets, params, CPU).run().outcome
+    o = make_trial(spec, assets, params, CPU).run().outcome
     assert o.sigma == o.train_sigma
     assert o.accuracy_drop == pytest.approx(o.teacher_dev_accuracy - o.student_dev_accuracy)
     assert o.train_n_total == 160 and 0 < o.train_n_kept <= 160
@@ -96,10 +92,10 @@ def test_recorded_figures_are_consistent(spec: StudySpec, assets: StudyAssets) -
 
 
 def test_evaluation_does_not_depend_on_batch_size(assets: StudyAssets, spec: StudySpec) -> None:
-    teacher = load_study_teacher(spec, assets)
-    dev, pad = assets.teacher_inputs.dev, assets.teacher_inputs.pad_id
-    one = predict_logits(teacher, dev, 1, CPU, pad)
-    many = predict_logits(teacher, dev, 64, CPU, pad)
+    teacher = shared_teacher(assets.teacher, assets.num_labels).eval()
+    dev = assets.teacher_inputs.dev
+    one = predict_logits(teacher, dev, CPU, 1)
+    many = predict_logits(teacher, dev, CPU, 64)
     torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(many, assets.teacher_logits_dev, rtol=1e-4, atol=1e-5)
 
@@ -112,7 +108,7 @@ def test_best_dev_selection_scores_the_best_evaluation(
     )
     points: list[ProbePoint] = []
     params = {"learning_rate": 5e-3, "batch_size": 16, "epochs": 2}
-    result = build_trial(selecting, assets, params, CPU, on_probe=points.append).run()
+    result = make_trial(selecting, assets, params, CPU, on_probe=points.append).run()
     # 10 steps per epoch: evaluations at steps 3, 6, 9, 10 (epoch end), 12, 15, 18, 20
     assert [p.epoch for p in points] == pytest.approx([0.3, 0.6, 0.9, 1.0, 1.2, 1.5, 1.8, 2.0])
     o = result.outcome
@@ -120,7 +116,7 @@ def test_best_dev_selection_scores_the_best_evaluation(
     assert o.selected_epoch == pytest.approx(best.epoch)
     assert o.student_dev_accuracy == pytest.approx(o.teacher_dev_accuracy - best.accuracy_drop)
     # the scored student is that one: its train figures are recomputed for it
-    last = build_trial(spec, assets, params, CPU).run().outcome
+    last = make_trial(spec, assets, params, CPU).run().outcome
     assert last.selected_epoch is None
     assert (o.selected_epoch == 2.0) == (o.student_train_accuracy == last.student_train_accuracy)
 
@@ -128,8 +124,8 @@ def test_best_dev_selection_scores_the_best_evaluation(
 def test_bertadam_trains_the_student(spec: StudySpec, assets: StudyAssets) -> None:
     paper = spec.model_copy(update={"training": TrainingSpec(optimizer="bertadam")})
     params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2}
-    bert = build_trial(paper, assets, params, CPU).run().outcome
-    adamw = build_trial(spec, assets, params, CPU).run().outcome
+    bert = make_trial(paper, assets, params, CPU).run().outcome
+    adamw = make_trial(spec, assets, params, CPU).run().outcome
     assert bert.epoch_losses[1] < bert.epoch_losses[0]
     assert bert.sigma != adamw.sigma  # another optimizer, another student
 
@@ -142,11 +138,11 @@ def test_student_weights_are_drawn_from_the_seed_on_every_load(tmp_path: Path) -
         intermediate_size=32,
     )  # fmt: skip
     BertModel(config).save_pretrained(tmp_path)  # an encoder without a classifier head
-    student = StudentSpec(model=str(tmp_path))
+    student = str(tmp_path)
     forget_loaded()
-    first, again, other = (load_student(student, "", 2, seed) for seed in (7, 7, 8))
+    first, again, other = (fresh_student(student, 2, seed) for seed in (7, 7, 8))
     forget_loaded()
-    cold = load_student(student, "", 2, 7)  # read from disk
+    cold = fresh_student(student, 2, 7)  # read from disk
     heads = [m.classifier.weight for m in (first, again, other, cold)]
     assert torch.equal(heads[0], heads[1]) and torch.equal(heads[0], heads[3])
     assert not torch.equal(heads[0], heads[2])
@@ -155,7 +151,7 @@ def test_student_weights_are_drawn_from_the_seed_on_every_load(tmp_path: Path) -
     # a copy each time: training one student leaves the next one untouched
     with torch.no_grad():
         first.classifier.weight.add_(1.0)
-    assert torch.equal(load_student(student, "", 2, 7).classifier.weight, heads[1])
+    assert torch.equal(fresh_student(student, 2, 7).classifier.weight, heads[1])
 
 
 def test_auto_precision_follows_the_cpu_flags(caplog: pytest.LogCaptureFixture) -> None:
@@ -165,9 +161,9 @@ def test_auto_precision_follows_the_cpu_flags(caplog: pytest.LogCaptureFixture) 
     native = bool(flags & {"amx_bf16", "avx512_bf16"})
     assert (bf16_hardware(CPU) is not None) == native
     caplog.set_level(logging.INFO, logger="kdsearch.workers.device")
-    assert training_dtype("auto", CPU) == (torch.bfloat16 if native else None)
-    assert training_dtype("fp32", CPU) is None
-    assert training_dtype("bf16", CPU) == torch.bfloat16
+    assert dtype_of(resolve_precision("auto", CPU)) == (torch.bfloat16 if native else None)
+    assert resolve_precision("fp32", CPU) == "fp32" and dtype_of("fp32") is None
+    assert resolve_precision("bf16", CPU) == "bf16" and dtype_of("bf16") == torch.bfloat16
     assert f"bf16 hardware: {bf16_hardware(CPU) or 'none'}" in caplog.records[0].getMessage()
 
 
@@ -175,8 +171,8 @@ def test_bf16_training_agrees_with_fp32(spec: StudySpec, assets: StudyAssets) ->
     # bf16 autocast trains and evaluates during training; the final scoring is fp32.
     # docs/benchmarks.md: on real models the two differ far less than one seed moves sigma.
     params = {"learning_rate": 2e-3, "batch_size": 16, "epochs": 2}
-    fp32 = build_trial(spec, assets, params, CPU).run()
-    bf16 = build_trial(spec, assets, params, CPU, dtype=torch.bfloat16).run()
+    fp32 = make_trial(spec, assets, params, CPU).run()
+    bf16 = make_trial(spec, assets, params, CPU, precision="bf16").run()
     assert bf16.student_probs_train.dtype == np.float32
     assert bf16.sigma != fp32.sigma  # it did train in another precision
     assert abs(bf16.sigma - fp32.sigma) < 0.005
@@ -227,7 +223,7 @@ def test_a_student_with_its_own_tokenizer(
     from kdsearch.workers.models import load_tokenizer
 
     student_dir = tmp_path / "student"
-    texts = load_task_data(spec).train.text_a
+    texts = load_task_data(spec.data, spec.task).train.text_a
     _roberta_student_with_its_own_vocabulary(student_dir, texts)
     own = spec.model_copy(update={"student": StudentSpec(model=str(student_dir))})
     ours = prepare_assets(own, AssetCache(tmp_path / "cache"), CPU)
@@ -247,11 +243,10 @@ def test_a_student_with_its_own_tokenizer(
     torch.testing.assert_close(ours.teacher_logits_train, assets.teacher_logits_train)
     # Trained on the teacher's logits row by row, the student's probabilities move toward
     # the teacher's (rows misaligned between the two tokenisations would not).
-    untrained = load_student(own.student, "", 2, own.seed)
-    pad = student_rows.pad_id
-    before = probabilities(predict_logits(untrained, student_rows.train, 64, CPU, pad))
+    untrained = fresh_student(str(student_dir), 2, own.seed, Loading(labels=ours.label_names))
+    before = probabilities(predict_logits(untrained, student_rows.train, CPU, 64))
     params = {"learning_rate": 3e-3, "batch_size": 16, "epochs": 10}  # 200 tiny steps
-    result = build_trial(own, ours, params, CPU).run()
+    result = make_trial(own, ours, params, CPU).run()
     teacher = probabilities(ours.teacher_logits_train)
     gap = [np.abs(teacher - p).mean() for p in (before, result.student_probs_train)]
     assert gap[1] < 0.5 * gap[0], gap

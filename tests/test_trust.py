@@ -15,8 +15,11 @@ import torch
 
 from kdsearch.service.artifacts import S3Bucket, resolve_artifacts
 from kdsearch.service.errors import InfrastructureError, KdsearchError
-from kdsearch.service.spec import StudySpec, load_spec
-from kdsearch.workers.assets import AssetCache, load_study_teacher, prepare_assets
+from kdsearch.service.loading import load_spec
+from kdsearch.service.spec import StudySpec
+from kdsearch.workers.assets import prepare_assets
+from kdsearch.workers.cache import AssetCache, write_manifest
+from kdsearch.workers.stages import study_teacher
 from tests.helpers import tiny_spec_text, write_spec
 
 CPU = torch.device("cpu")
@@ -43,22 +46,24 @@ def spec(tmp_path: Path, tiny_bert_dir: Path, fixture_glue: Path) -> StudySpec:
 
 
 def test_a_planted_pickle_is_never_loaded(spec: StudySpec, tmp_path: Path) -> None:
-    cache = AssetCache(tmp_path / "cache")
-    assets = prepare_assets(spec, cache, CPU)
+    cache = tmp_path / "cache"
+    assets = prepare_assets(spec, AssetCache(cache), CPU)
     marker = tmp_path / "pwned"
-    # 1. the arrays file replaced by a pickle
+    # 1. the arrays file replaced by a pickle, by someone who can write the cache (and so
+    # its manifest too: the manifest catches damage, not a deliberate change)
     tensors = assets.folder / "assets.safetensors"
     original = tensors.read_bytes()
     tensors.write_bytes(_malicious(marker))
+    write_manifest(assets.folder)
     with pytest.raises(InfrastructureError, match=r"cannot be read .* delete that folder"):
-        prepare_assets(spec, cache, CPU)
+        prepare_assets(spec, AssetCache(cache), CPU)  # a new process
     tensors.write_bytes(original)
     # 2. the fine-tuned teacher's weights replaced by pickled "weights"
     teacher = assets.folder / "teacher"
     (teacher / "model.safetensors").unlink()
     (teacher / "pytorch_model.bin").write_bytes(_malicious(marker))
     with pytest.raises(KdsearchError, match="cannot load the teacher"):
-        load_study_teacher(spec, assets)
+        study_teacher(assets)
     # 3. even torch's own loader, as kdsearch calls it for checkpoints, refuses code
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(teacher / "pytorch_model.bin", weights_only=True)
@@ -116,3 +121,30 @@ def test_a_failed_build_leaves_no_half_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.lock", live.name]
     folder = cache.folder("x", "x", lambda tmp: (tmp / "ok").write_text("ok"))
     assert (folder / "ok").read_text() == "ok"
+
+
+@pytest.mark.parametrize("damage", ["teacher logits", "token ids", "the fine-tuned teacher"])
+def test_a_damaged_cache_is_an_infrastructure_fault_naming_the_folder(
+    spec: StudySpec, tmp_path: Path, damage: str
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    assets = prepare_assets(spec, AssetCache(cache), CPU)
+    if damage == "the fine-tuned teacher":
+        weights = assets.folder / "teacher" / "model.safetensors"
+        raw = bytearray(weights.read_bytes())
+        raw[-8:] = b"\x00" * 8  # same size, other bytes: a disk error
+        weights.write_bytes(bytes(raw))
+    else:
+        path = assets.folder / "assets.safetensors"
+        tensors = load_file(path)
+        key = "teacher_logits.train" if damage == "teacher logits" else "train.input_ids"
+        tensors[key] = tensors[key].flip(0).contiguous()  # still a valid file, other values
+        save_file(tensors, path)
+    with pytest.raises(InfrastructureError) as info:
+        prepare_assets(spec, AssetCache(cache), CPU)  # a new process opens the folder
+    message = str(info.value)
+    assert info.value.exit_code == 4
+    assert f"in {str(assets.folder)!r} are damaged" in message
+    assert "does not match its SHA-256" in message and "Delete that folder" in message

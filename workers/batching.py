@@ -1,14 +1,20 @@
-"""Tokenised splits and their batches: dynamic padding and length-grouped shuffles.
+"""Tokenised splits and their batches: dynamic padding and length-grouped shuffles, or
+TinyBERT's padded, uniform batches.
 
 Rows stay unpadded in memory (``Encoded``); each batch is padded to its own longest row
 (``collate``), and training batches group rows of similar length (``length_grouped_batches``)
-so little compute goes to padding.
+so little compute goes to padding. ``Batching`` also describes TinyBERT's way: every
+batch padded to max_seq_length (the padded positions are part of stage 1's MSE),
+uniformly shuffled rows (``RandomSampler``), and the last, smaller batch of an epoch
+skipped.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -23,6 +29,7 @@ class Encoded:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: torch.Tensor  # (N,) int64
+    pad_id: int = 0  # the tokenizer's padding token
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -32,6 +39,7 @@ class Encoded:
             [self.input_ids[i] for i in index],
             None if self.token_type_ids is None else [self.token_type_ids[i] for i in index],
             self.labels[index],
+            self.pad_id,
         )
 
     @property
@@ -52,7 +60,7 @@ class Encoded:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> Encoded:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, pad_id: int) -> Encoded:
         offsets = tensors[f"{prefix}.offsets"].tolist()
 
         def rows(name: str) -> list[list[int]] | None:
@@ -64,7 +72,11 @@ class Encoded:
 
         input_ids = rows("input_ids")
         assert input_ids is not None, f"{prefix}.input_ids missing"
-        return cls(input_ids, rows("token_type_ids"), tensors[f"{prefix}.labels"].long())
+        return cls(input_ids, rows("token_type_ids"), tensors[f"{prefix}.labels"].long(), pad_id)
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, split: Split, max_seq_length: int) -> Encoded:
@@ -79,13 +91,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, split: Split, max_seq_length: int
         input_ids=enc["input_ids"],
         token_type_ids=enc.get("token_type_ids"),
         labels=torch.tensor(split.labels, dtype=torch.long),
+        pad_id=pad_id_of(tokenizer),
     )
 
 
-def collate(data: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad the rows in ``index`` to their longest (dynamic padding): (B, L) tensors."""
+def collate(data: Encoded, index: list[int], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad the rows in ``index`` to their longest (dynamic padding), or to ``pad_to``
+    (TinyBERT's max_seq_length): (B, L) tensors."""
     length = max(len(data.input_ids[i]) for i in index)
-    ids = torch.full((len(index), length), pad_id, dtype=torch.long)
+    if pad_to is not None:
+        length = max(length, pad_to)
+    ids = torch.full((len(index), length), data.pad_id, dtype=torch.long)
     mask = torch.zeros((len(index), length), dtype=torch.long)
     types = torch.zeros((len(index), length), dtype=torch.long)
     for row, i in enumerate(index):
@@ -116,3 +132,40 @@ def length_grouped_batches(
         batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     perm = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in perm]
+
+
+def uniform_batches(
+    n_rows: int, batch_size: int, generator: torch.Generator, drop_last: bool
+) -> list[list[int]]:
+    """Uniformly shuffled batches, as ``DataLoader(sampler=RandomSampler(data,
+    generator=generator))`` draws them (one ``randperm`` per epoch); with ``drop_last``,
+    without the last, smaller batch (TinyBERT skips it)."""
+    order = torch.randperm(n_rows, generator=generator).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a stage's training batches are made."""
+
+    order: Literal["length_grouped", "uniform"] = "length_grouped"
+    pad_to: int | None = None  # None: each batch padded to its longest row
+    drop_last: bool = False  # skip the last, smaller batch of an epoch (TinyBERT)
+
+    def batches(
+        self, data: Encoded, batch_size: int, generator: torch.Generator
+    ) -> list[list[int]]:
+        if self.order == "uniform":
+            return uniform_batches(len(data), batch_size, generator, self.drop_last)
+        batches = length_grouped_batches(data.lengths, batch_size, generator)
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == batch_size]
+        return batches
+
+    def steps_per_epoch(self, n_rows: int, batch_size: int) -> int:
+        if self.drop_last:
+            return n_rows // batch_size
+        return math.ceil(n_rows / batch_size)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kdsearch.service.errors import KdsearchError, first_line
-from kdsearch.service.spec import DataSpec, StudySpec
+from kdsearch.service.spec import DataSpec
 
 logger = logging.getLogger(__name__)
 
@@ -247,12 +247,24 @@ def _to_split(rows: Any, data: DataSpec, task: str, where: str) -> tuple[Split, 
             f"{where}: no column {missing[0]!r} (columns: {', '.join(rows.column_names)}); "
             "set data.columns to the right names"
         )
+    labels = list(rows[label])
+    for row, value in enumerate(labels, start=1):
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise KdsearchError(
+                f"{where}, row {row}: label {_shown(value)} is a {type(value).__name__}, not one "
+                "class id or name; give each row one label"
+            )
     split = Split(
         [str(t) for t in rows[text]],
         None if pair is None else [str(t) for t in rows[pair]],
-        list(rows[label]),
+        labels,
     )
     return split, rows.features[label]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:35] + "...'"
 
 
 def _read(data: DataSpec, task: str, which: str) -> tuple[Split, Any, str]:
@@ -280,26 +292,38 @@ def _read(data: DataSpec, task: str, which: str) -> tuple[Split, Any, str]:
     return split, feature, where
 
 
+MAX_CLASSES = 1000  # as data.labels: more is a label column that is not one
+
+
 def _label_names(
-    spec: StudySpec, features: Sequence[Any], splits: Sequence[Split]
+    data: DataSpec, task: str, features: Sequence[Any], splits: Sequence[Split]
 ) -> tuple[str, ...]:
     """Class names in id order: the spec's, else the GLUE preset's, else the data's own
-    (a ClassLabel), else the ids seen (0..C-1)."""
-    if spec.data.labels is not None:
-        return tuple(spec.data.labels)
-    if spec.is_glue:
-        return GLUE_LABELS[spec.task]
+    (a ClassLabel), else the ids seen (0..C-1, every one of them present)."""
+    if data.labels is not None:
+        return tuple(data.labels)
+    if task in GLUE_LABELS:
+        return GLUE_LABELS[task]
     for feature in features:
         if feature is not None and hasattr(feature, "names"):
             return tuple(feature.names)
     seen = {y for s in splits for y in s.labels}
     ids = {int(y) for y in seen if isinstance(y, int | str) and str(y).isdigit()}
-    if seen and len(ids) == len(seen) and not any(isinstance(y, bool) for y in seen):
-        return tuple(str(i) for i in range(max(ids) + 1))  # ids 0..C-1, no names
-    raise KdsearchError(
-        "the label column holds names; list them in id order in data.labels (e.g. labels: "
-        "[negative, neutral, positive])"
-    )
+    if not (seen and len(ids) == len(seen) and not any(isinstance(y, bool) for y in seen)):
+        raise KdsearchError(
+            "the label column holds names; list them in id order in data.labels (e.g. labels: "
+            "[negative, neutral, positive])"
+        )
+    missing = sorted(set(range(max(ids) + 1)) - ids)
+    if missing or len(ids) > MAX_CLASSES:
+        stray = max(ids)
+        raise KdsearchError(
+            f"label ids must be 0..C-1, each present in the data, but id {stray} is there while "
+            f"{len(missing)} id(s) below it never occur (first: {missing[0] if missing else '-'}); "
+            "a stray label would make a class of its own: fix the rows with that label, or "
+            "list the classes in data.labels"
+        )
+    return tuple(str(i) for i in range(max(ids) + 1))  # ids 0..C-1, no names
 
 
 def _ids(split: Split, names: tuple[str, ...], where: str) -> Split:
@@ -326,14 +350,16 @@ def _ids(split: Split, names: tuple[str, ...], where: str) -> Split:
     return Split(split.text_a, split.text_b, out)
 
 
-def load_task_data(spec: StudySpec) -> TaskData:
-    """The study's splits, labels as class ids, row limits applied. Refuses empty splits
-    and dev labels that never occur in train (one message naming the file and row)."""
-    data, task = spec.data, spec.task
+def load_task_data(data: DataSpec, task: str) -> TaskData:
+    """The study's splits, labels as class ids, row limits applied. Refuses empty splits,
+    a train split of one class and dev labels that never occur in train (one message
+    naming the file and row)."""
     read = {which: _read(data, task, which) for which in ("train", "dev")}
     if data.train_augmented is not None:
         read["train_augmented"] = _read(data, task, "train_augmented")
-    names = _label_names(spec, [f for _, f, _ in read.values()], [s for s, _, _ in read.values()])
+    names = _label_names(
+        data, task, [f for _, f, _ in read.values()], [s for s, _, _ in read.values()]
+    )
     splits = {which: _ids(split, names, where) for which, (split, _, where) in read.items()}
     train = splits["train"].head(data.train_limit)
     dev = splits["dev"].head(data.dev_limit)
@@ -342,6 +368,12 @@ def load_task_data(spec: StudySpec) -> TaskData:
             raise KdsearchError(
                 f"{read[which][2]}: has a header but no rows; a study needs {which} rows"
             )
+    classes = sorted(set(train.labels))
+    if len(classes) < 2:
+        raise KdsearchError(
+            f"{read['train'][2]}: every train row is class {names[classes[0]]!r}; a classifier "
+            "needs rows of two classes or more (check the label column and train_limit)"
+        )
     unseen = sorted(set(dev.labels) - set(train.labels))
     if unseen:
         raise KdsearchError(
@@ -354,11 +386,10 @@ def load_task_data(spec: StudySpec) -> TaskData:
     return TaskData(train, dev, splits.get("train_augmented"), names)
 
 
-def data_fingerprint(spec: StudySpec) -> str:
+def data_fingerprint(data: DataSpec, task: str) -> str:
     """Identifies the data a study reads: file contents for local files and folders, the
     dataset id, configuration and revision for the hub."""
-    data = spec.data
-    h = hashlib.sha256(repr((spec.task, data.model_dump(mode="json"))).encode())
+    h = hashlib.sha256(repr((task, data.model_dump(mode="json"))).encode())
     files: list[Path] = []
     if data.source == "local":
         files = [Path(data.path or "") / "train.tsv", Path(data.path or "") / "dev.tsv"]

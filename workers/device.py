@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from kdsearch.service.trial_config import Precision
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,21 +37,25 @@ def bf16_hardware(device: torch.device) -> str | None:
     return None
 
 
-def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of training and of the evaluations during it (None: fp32).
-    ``auto`` picks bf16 where the hardware runs it natively, fp32 elsewhere. The teacher's
-    logits, its fine-tuning and every trial's final scoring stay in fp32 whatever the
-    choice (docs/benchmarks.md measures how far bf16 training moves sigma)."""
+def resolve_precision(choice: str, device: torch.device) -> Precision:
+    """What training (and the evaluations during it) runs in on this worker: ``auto``
+    picks bf16 where the hardware runs it natively, fp32 elsewhere. The teacher's logits,
+    its fine-tuning and every trial's final scoring stay in fp32 whatever the choice
+    (docs/benchmarks.md measures how far bf16 training moves sigma)."""
     hardware = bf16_hardware(device)
-    if precision == "fp32" or (precision == "auto" and hardware is None):
-        choice = None
-    else:
-        choice = torch.bfloat16
+    resolved: Precision = (
+        "fp32" if choice == "fp32" or (choice == "auto" and hardware is None) else "bf16"
+    )
     logger.info(
         "precision %s on %s: %s (bf16 hardware: %s)",
-        precision, device, "bf16 autocast" if choice else "fp32", hardware or "none",
+        choice, device, "bf16 autocast" if resolved == "bf16" else "fp32", hardware or "none",
     )  # fmt: skip
-    return choice
+    return resolved
+
+
+def dtype_of(precision: Precision) -> torch.dtype | None:
+    """The autocast dtype of a precision (None: fp32, no autocast)."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def autocast(

@@ -1,4 +1,11 @@
-"""TinyBERT stage 2, prediction-layer distillation: the loss and its training objective."""
+"""TinyBERT stage 2, prediction-layer distillation: the loss, the teacher's targets and the
+training objective.
+
+The targets are the teacher's logits on each batch: its eval-mode logits, computed once
+per study (``CachedTargets``), or, as TinyBERT ran it (``teacher_model.eval()`` is never
+called), a train-mode forward at every step (``DropoutTargets``): the student then fits
+the dropout-averaged teacher.
+"""
 
 from __future__ import annotations
 
@@ -30,12 +37,34 @@ class SoftCrossEntropy(nn.Module):
         return (-target * log_probs).mean()
 
 
-class LogitDistillation:
-    """The stage-2 objective: the student's logits against the teacher's, which are fixed
-    during distillation and so computed once per study (``teacher_logits``), never per step."""
+class CachedTargets:
+    """The teacher's eval-mode logits on the training rows, computed once per study."""
 
-    def __init__(self, teacher_logits: torch.Tensor, temperature: float) -> None:
-        self.teacher_logits = teacher_logits  # (N, C), rows of the training split
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits  # (N, C), rows of the training split
+
+    def __call__(self, batch: dict[str, torch.Tensor], index: list[int]) -> torch.Tensor:
+        return self.logits[index]
+
+
+class DropoutTargets:
+    """The teacher's logits on the batch, in train mode (dropout on): a forward pass at
+    every step, under ``no_grad`` and the step's autocast (nothing of it is trained)."""
+
+    def __init__(self, teacher: PreTrainedModel) -> None:
+        self.teacher = teacher
+
+    def __call__(self, batch: dict[str, torch.Tensor], index: list[int]) -> torch.Tensor:
+        self.teacher.train()
+        with torch.no_grad():
+            return self.teacher(**batch).logits  # (B, C)
+
+
+class LogitDistillation:
+    """The stage-2 objective: the student's logits against the teacher's targets."""
+
+    def __init__(self, targets: CachedTargets | DropoutTargets, temperature: float) -> None:
+        self.targets = targets
         self.loss = SoftCrossEntropy(temperature)
 
     def modules(self) -> list[nn.Module]:
@@ -44,6 +73,8 @@ class LogitDistillation:
     def __call__(
         self, model: PreTrainedModel, batch: dict[str, torch.Tensor], index: list[int]
     ) -> torch.Tensor:
+        # The student first, then the teacher: TinyBERT's order (their dropout masks come
+        # from one generator, so the order decides which mask each gets).
         logits = model(**batch).logits  # (B, C)
-        target = self.teacher_logits[index].to(logits.device, non_blocking=True)
+        target = self.targets(batch, index).to(logits.device, non_blocking=True)
         return self.loss(logits, target)

@@ -1,12 +1,13 @@
-"""``kdsearch export``: the chosen trial's student as a Hugging Face model folder.
+"""``kdsearch export``: the study's answer (or a chosen trial) as a Hugging Face model folder.
 
-Trials do not store their students: a trial is deterministic given its hyperparameters
-and the study seed on a given machine and thread count (tests/test_trial.py), so export
-re-trains the chosen trial once and checks the result against the recorded sigma. Storing every
-student (tens to hundreds of MB each, most of them discarded) or only the Pareto set
-(which changes as the study runs) would cost far more storage than one re-run costs
-compute. With another thread count, device or kernel the re-run can differ slightly (in
-the tests: 3e-9 between 1 and 2 CPU threads): the card records both sigmas.
+Trials do not store their students: a trial is deterministic given its recorded config
+(``TrialAttr.TRIAL_CONFIG``: hyperparameters, seed, precision, reference) on a given
+machine and thread count (tests/test_trial.py), so export re-trains the chosen trial from
+that config once and checks the result against the recorded sigma. Storing every student
+(tens to hundreds of MB each, most of them discarded) or only the Pareto set (which
+changes as the study runs) would cost far more storage than one re-run costs compute.
+With another thread count, device or kernel the re-run can differ slightly (in the tests:
+3e-9 between 1 and 2 CPU threads): the card records both sigmas.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,25 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from kdsearch.service.artifacts import resolve_cache_dir
-from kdsearch.service.errors import KdsearchError
-from kdsearch.service.racing import Configuration, aggregate
+from kdsearch.service.artifacts import require_writable, resolve_cache_dir, study_artifacts
+from kdsearch.service.errors import InfrastructureError, KdsearchError, first_line
 from kdsearch.service.record import TrialRecord
-from kdsearch.service.report import chosen
 from kdsearch.service.storage import open_storage
-from kdsearch.service.study import baseline_accuracy, load_stored_spec, study_artifacts
-from kdsearch.workers.assets import open_asset_cache, prepare_assets, student_tokenizer_ref
-from kdsearch.workers.device import pick_device, training_dtype
+from kdsearch.service.study import load_stored_spec
+from kdsearch.service.summary import StudySummary, judge_study, read_records, summarize
+from kdsearch.service.trial_config import (
+    KnownAccuracies,
+    Placement,
+    TrialConfig,
+    config_id,
+    resolve,
+)
+from kdsearch.workers.assets import prepare_assets
+from kdsearch.workers.cache import open_asset_cache
+from kdsearch.workers.device import dtype_of, pick_device
 from kdsearch.workers.models import load_tokenizer
-from kdsearch.workers.trial import build_trial
+from kdsearch.workers.stages import Recipe
+from kdsearch.workers.trial import DistillationTrial
 
 logger = logging.getLogger(__name__)
 
@@ -39,110 +49,157 @@ logger = logging.getLogger(__name__)
 REPRODUCTION_TOLERANCE = 1e-4
 
 
-def export_student(
-    storage_url: str,
-    study_name: str,
-    out_dir: Path,
-    artifacts: str | None,
-    cache_dir: Path | None = None,
-    trial_number: int | None = None,
-    device_name: str = "auto",
-) -> dict[str, Any]:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise KdsearchError(f"--out {str(out_dir)!r} is not empty; give a new or empty folder")
-    storage = open_storage(storage_url, create=False)
-    spec = load_stored_spec(storage, study_name)
+@dataclass(frozen=True)
+class ExportRequest:
+    storage_url: str
+    study: str
+    out: Path
+    artifacts: str | None = None
+    cache_dir: Path | None = None
+    trial: int | None = None  # None: the study's answer
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ExportCard:
+    """``kdsearch_card.json``: what the exported student is and what it rests on."""
+
+    study: str
+    trial: int
+    task: str
+    teacher: str
+    labels: list[str]
+    head: str  # "tinybert": apply kdsearch.workers.models.tinybert_head after loading
+    trial_config: dict[str, Any]
+    thresholds: dict[str, Any]
+    recorded: dict[str, float]
+    reproduced: dict[str, float]
+    reproduced_within_tolerance: bool
+    answer: dict[str, Any] | None  # the study's answer, when this trial is one of its seeds
+    device: str
+    torch: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_out(out: Path) -> None:
+    """A new or empty, writable folder, checked before any re-training."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KdsearchError(f"--out {str(out)!r} is not empty; give a new or empty folder")
+    try:
+        require_writable(out)
+    except OSError as exc:
+        raise InfrastructureError(
+            f"cannot write the export to {str(out)!r}: {first_line(exc)}; give a writable --out"
+        ) from None
+
+
+def export_student(request: ExportRequest) -> dict[str, Any]:
+    _check_out(request.out)
+    storage = open_storage(request.storage_url, create=False)
+    spec = load_stored_spec(storage, request.study)
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
-    config = None
-    if trial_number is None:
-        picked = chosen(study, spec)
-        if picked is None:
-            raise KdsearchError(
-                f"study {study_name!r} has no feasible configuration yet (with seed replicates: "
-                "none confirmed on its seeds); pass --trial N to export another trial "
-                "(kdsearch status lists them)"
-            )
-        config, trial = picked
-    else:
-        trial = next((t for t in trials if t.number == trial_number), None)
-        if trial is None or trial.state != TrialState.COMPLETE or trial.values is None:
-            state = "does not exist" if trial is None else f"is {trial.state.name}"
-            raise KdsearchError(
-                f"trial {trial_number} of {study_name!r} {state}; export a COMPLETE trial"
-            )
-        config = next((c for c in aggregate(trials, spec) if trial.number in c.trials), None)
-    device = pick_device(device_name)
-    location = study_artifacts(storage, spec.name, artifacts)
-    cache = open_asset_cache(location, resolve_cache_dir(location, cache_dir), storage)
-    assets = prepare_assets(spec, cache, device, training_dtype(spec.training.precision, device))
+    records = read_records(study)
+    summary = summarize(records, spec, judge_study(records, spec, study))
+    trial = _chosen(records, summary, request)
+    config = trial.trial_config or _legacy_config(trial, spec, records)
+    device = pick_device(request.device)
+    location = study_artifacts(storage, spec.name, request.artifacts)
+    cache = open_asset_cache(location, resolve_cache_dir(location, request.cache_dir), storage)
+    assets = prepare_assets(spec, cache, device, dtype_of(config.precision))
     logger.info("re-training trial %d of %s to export its student", trial.number, spec.name)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    # Trained as the trial was: its seed, and its precision (bf16 only where it ran in it).
-    dtype = torch.bfloat16 if trial.precision == "bf16" else None
-    job = build_trial(
-        spec, assets, trial.params, device,
-        baseline_accuracy=baseline_accuracy(done),
-        is_baseline=trial.baseline and trial.replicate == 0, seed=trial.seed, dtype=dtype,
-    )  # fmt: skip
+    job = DistillationTrial(config, Recipe.of(spec), assets, device)
     result = job.run(keep_student=True)
     try:
         assert job.student is not None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        job.student.save_pretrained(out_dir)
-        load_tokenizer(student_tokenizer_ref(spec, assets)).save_pretrained(out_dir)
+        job.student.save_pretrained(request.out)
+        load_tokenizer(assets.student_tokenizer).save_pretrained(request.out)
     finally:
         job.cleanup()
+    assert trial.values is not None
     recorded_sigma, recorded_drop = trial.values
     difference = abs(result.sigma - recorded_sigma)
     outcome = result.outcome
-    card = {
-        "study": spec.name,
-        "trial": trial.number,
-        "task": spec.task,
-        "teacher": spec.teacher.model,
-        "params": trial.params,
-        "hyperparameters": job.hparams.model_dump(),
-        "seed": job.seed,
-        "thresholds": spec.thresholds.model_dump(),
-        "recorded": {"sigma": recorded_sigma, "accuracy_drop": recorded_drop},
-        "reproduced": {
+    in_answer = summary.answer is not None and trial.config == summary.answer.config
+    card = ExportCard(
+        study=spec.name,
+        trial=trial.number,
+        task=spec.task,
+        teacher=spec.teacher.model,
+        labels=list(assets.label_names),
+        head=spec.training.student_head,
+        trial_config=config.to_attr(),
+        thresholds=spec.thresholds.model_dump(),
+        recorded={"sigma": recorded_sigma, "accuracy_drop": recorded_drop},
+        reproduced={
             "sigma": outcome.sigma,
             "accuracy_drop": outcome.accuracy_drop,
             "student_dev_accuracy": outcome.student_dev_accuracy,
             "teacher_dev_accuracy": outcome.teacher_dev_accuracy,
         },
-        "reproduced_within_tolerance": difference <= REPRODUCTION_TOLERANCE,
-        "configuration": None if config is None else _configuration_card(config, trials),
-        "device": str(device),
-        "torch": torch.__version__,
-    }
+        reproduced_within_tolerance=difference <= REPRODUCTION_TOLERANCE,
+        answer=_answer_card(summary) if in_answer else None,
+        device=str(device),
+        torch=torch.__version__,
+    )
     if not math.isfinite(difference) or difference > REPRODUCTION_TOLERANCE:
         logger.warning(
             "re-trained sigma %.6f differs from the recorded %.6f (another machine or device?)",
             result.sigma, recorded_sigma,
         )  # fmt: skip
-    (out_dir / "kdsearch_card.json").write_text(json.dumps(card, indent=2))
-    logger.info("exported trial %d to %s", trial.number, out_dir)
-    return card
+    (request.out / "kdsearch_card.json").write_text(json.dumps(card.as_dict(), indent=2))
+    logger.info("exported trial %d to %s", trial.number, request.out)
+    return card.as_dict()
 
 
-def _configuration_card(config: Configuration, trials: list[TrialRecord]) -> dict[str, Any]:
-    """The exported student's configuration over all its seeds: what the verdict rests on."""
-    by_number = {t.number: t for t in trials}
+def _chosen(
+    records: list[TrialRecord], summary: StudySummary, request: ExportRequest
+) -> TrialRecord:
+    by_number = {r.number: r for r in records}
+    if request.trial is None:
+        if summary.answer_trial is None:
+            raise KdsearchError(
+                f"study {request.study!r} has no answer yet (no configuration feasible on its "
+                "seeds); pass --trial N to export another trial (kdsearch status lists them)"
+            )
+        return by_number[summary.answer_trial]
+    trial = by_number.get(request.trial)
+    if trial is None or trial.state != TrialState.COMPLETE or trial.values is None:
+        state = "does not exist" if trial is None else f"is {trial.state.name}"
+        raise KdsearchError(
+            f"trial {request.trial} of {request.study!r} {state}; export a COMPLETE trial"
+        )
+    return trial
+
+
+def _legacy_config(trial: TrialRecord, spec: Any, records: list[TrialRecord]) -> TrialConfig:
+    """A trial recorded before trial configs: its config rebuilt from its params."""
+    judged = judge_study(records, spec)
+    baseline = next((c for c in judged if c.baseline and c.n), None)
+    known = KnownAccuracies(
+        teacher=trial.outcome.teacher_dev_accuracy if trial.outcome else None,
+        baseline=None
+        if trial.baseline and trial.replicate == 0
+        else (baseline.accuracy_mean if baseline else None),
+    )
+    placement = Placement(
+        trial.config or config_id(trial.params), trial.replicate,
+        trial.seed if trial.seed is not None else spec.seed, trial.role,
+    )  # fmt: skip
+    precision = "bf16" if trial.precision == "bf16" else "fp32"
+    return resolve(spec, placement, trial.params, known, precision)
+
+
+def _answer_card(summary: StudySummary) -> dict[str, Any]:
+    """The study's answer over all its seeds: what the verdict rests on."""
+    a = summary.answer
+    assert a is not None
     return {
-        "id": config.config,
-        "verdict": config.verdict,
-        "seeds": config.n,
-        "sigma": {"mean": config.sigma_mean, "sd": config.sigma_sd,
-                  "low": config.sigma.low if config.sigma else None,
-                  "high": config.sigma.high if config.sigma else None},
-        "accuracy_drop": {"mean": config.drop_mean, "sd": config.drop_sd,
-                          "low": config.drop.low if config.drop else None,
-                          "high": config.drop.high if config.drop else None},
-        "replicates": [
-            {"trial": n, "seed": seed, "sigma": by_number[n].sigma,
-             "accuracy_drop": by_number[n].accuracy_drop}
-            for n, seed in zip(config.trials, config.seeds, strict=True)
-        ],
-    }  # fmt: skip
+        "config": a.config,
+        "confirmed": summary.answer_confirmed,
+        "figures_from_trials": summary.answer_trials,
+        "sigma": summary.answer_sigma,
+        "accuracy_drop": summary.answer_accuracy_drop,
+        "search": a.flat(),
+    }

@@ -20,9 +20,8 @@ def probabilities(logits: torch.Tensor) -> np.ndarray:
 def predict_logits(
     model: PreTrainedModel,
     data: Encoded,
-    batch_size: int,
     device: torch.device,
-    pad_id: int,
+    batch_size: int,
     label: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -37,7 +36,7 @@ def predict_logits(
     try:
         for start in starts:
             index = order[start : start + batch_size]
-            batch = to_device(collate(data, index, pad_id), device)
+            batch = to_device(collate(data, index), device)
             with autocast(device, dtype):
                 out[index] = model(**batch).logits.float().cpu()
             if progress is not None:

@@ -13,10 +13,12 @@ the mask), with masked positions (<= -100) set to 0, and the compared maps are t
 before softmax and dropout: ``SCORES_ATTENTION`` is an attention implementation that
 returns the scores instead of the (dropped-out) probabilities transformers returns.
 
-Where it still differs from TinyBERT (documented in docs/paper-reproduction.md): both
-MSEs average over the real tokens of each batch (dynamic padding) where TinyBERT averages
-over max_seq_length positions, padded ones included; the teacher runs in eval mode
-(TinyBERT leaves its dropout on).
+Two ways to match (``stage1.matching``): over the real tokens of length-grouped,
+dynamically padded batches (``tokens``), or as TinyBERT (``padded``): batches padded to
+max_seq_length, each MSE the mean over every position, padded ones included (a pad
+position's hidden state and its attention row are part of the target; masked keys score
+0 in both models). The teacher runs in eval mode, or in train mode as TinyBERT left it
+(``training.teacher_targets: dropout``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -90,13 +93,23 @@ class LayerMap:
         return [(i, (i + 1) * self.step - 1) for i in range(self.student_layers)]
 
 
+Matching = Literal["tokens", "padded"]
+
+
 class IntermediateLoss(nn.Module):
     """Attention-score MSE + hidden-state MSE through the projection ``fit_dense``."""
 
-    def __init__(self, layer_map: LayerMap, student_hidden: int, teacher_hidden: int) -> None:
+    def __init__(
+        self,
+        layer_map: LayerMap,
+        student_hidden: int,
+        teacher_hidden: int,
+        matching: Matching = "tokens",
+    ) -> None:
         super().__init__()
         self.layer_map = layer_map
         self.fit_dense = nn.Linear(student_hidden, teacher_hidden)
+        self.matching = matching
 
     def forward(
         self,
@@ -107,6 +120,8 @@ class IntermediateLoss(nn.Module):
         attention_mask: torch.Tensor,  # (B, T), 1 = real token
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (attention loss, hidden-state loss); the caller sums them."""
+        if self.matching == "padded":
+            return self._padded(student_hidden, teacher_hidden, student_scores, teacher_scores)
         tokens = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
         n_tokens = tokens.sum()
         rep = torch.zeros((), device=attention_mask.device)
@@ -125,19 +140,48 @@ class IntermediateLoss(nn.Module):
             att = att + ((student - teacher) ** 2 * queries).sum() / n
         return att, rep
 
+    def _padded(
+        self,
+        student_hidden: tuple[torch.Tensor, ...],
+        teacher_hidden: tuple[torch.Tensor, ...],
+        student_scores: tuple[torch.Tensor, ...],
+        teacher_scores: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """TinyBERT's ``MSELoss()`` over whole tensors: every position of the padded batch."""
+        mse = nn.functional.mse_loss
+        att = torch.zeros((), device=student_hidden[0].device)
+        for s, t in self.layer_map.attention():
+            student, teacher = student_scores[s].float(), teacher_scores[t].float()
+            if student.shape[1] != teacher.shape[1]:
+                continue
+            student = torch.where(student <= _MASKED, torch.zeros_like(student), student)
+            teacher = torch.where(teacher <= _MASKED, torch.zeros_like(teacher), teacher)
+            att = att + mse(student, teacher)
+        rep = torch.zeros((), device=student_hidden[0].device)
+        for s, t in self.layer_map.hidden():
+            rep = rep + mse(self.fit_dense(student_hidden[s].float()), teacher_hidden[t].float())
+        return att, rep
+
 
 class IntermediateDistillation:
     """The stage-1 objective: the teacher runs forward every step (its hidden states are
     large, so unlike stage 2's logits they are not cached)."""
 
-    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        matching: Matching = "tokens",
+        teacher_dropout: bool = False,
+    ) -> None:
         for model, who in ((student, "student"), (teacher, "teacher")):
             if model.config._attn_implementation != SCORES_ATTENTION:
                 raise ValueError(f"the {who} must use attn_implementation={SCORES_ATTENTION!r}")
         layer_map = LayerMap(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-        self.teacher = teacher.eval()
+        self.teacher = teacher
+        self.teacher_dropout = teacher_dropout
         self.loss = IntermediateLoss(
-            layer_map, student.config.hidden_size, teacher.config.hidden_size
+            layer_map, student.config.hidden_size, teacher.config.hidden_size, matching
         )
 
     def modules(self) -> list[nn.Module]:
@@ -146,10 +190,11 @@ class IntermediateDistillation:
     def __call__(
         self, model: PreTrainedModel, batch: dict[str, torch.Tensor], index: list[int]
     ) -> torch.Tensor:
-        self.teacher.to(model.device)
+        self.teacher.to(model.device).train(self.teacher_dropout)
+        # The student first, then the teacher: TinyBERT's order (see LogitDistillation).
+        s_out = model(**batch, output_hidden_states=True, output_attentions=True)
         with torch.no_grad():
             t_out = self.teacher(**batch, output_hidden_states=True, output_attentions=True)
-        s_out = model(**batch, output_hidden_states=True, output_attentions=True)
         att, rep = self.loss(
             s_out.hidden_states, t_out.hidden_states, s_out.attentions, t_out.attentions,
             batch["attention_mask"],

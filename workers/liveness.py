@@ -4,21 +4,25 @@
   ``StopRequested`` at a safe point: at once inside the trial's computation, deferred
   during storage calls, so a stop never leaves a half-done database update behind.
 - ``Heartbeat`` beats for the running trial from its own thread (long epochs and
-  evaluations never delay it), and fails other workers' stale trials on the way, so a
-  dead worker's trial is re-queued even while every live worker is busy training.
+  evaluations never delay it), publishes its progress, and fails other workers' stale
+  trials on the way, so a dead worker's trial is re-queued even while every live worker
+  is busy training. When it finds its own trial settled by someone else (the worker was
+  frozen, or cut off, past the grace period, and another worker failed and re-queued the
+  trial), it says so (``lost``): the trial stops training and is abandoned cleanly.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from kdsearch.service.errors import first_line
 from kdsearch.service.record import TrialAttr, set_trial_attrs
-from kdsearch.service.study import fail_stale_trials
+from kdsearch.service.recovery import sweep_stale_trials
+from kdsearch.service.storage import TRANSIENT_ERRORS, KdsearchStorage
 from kdsearch.workers import progress
 from kdsearch.workers.stopping import GracefulStop, StopRequested
 
@@ -34,39 +38,48 @@ class Heartbeat:
     never fatal: a beat missed during a database outage is made up by the next one."""
 
     def __init__(
-        self,
-        study: optuna.Study,
-        trial_id: int,
-        interval_s: float,
-        storage: optuna.storages.RDBStorage | None = None,
+        self, study: optuna.Study, storage: KdsearchStorage, trial_id: int, interval_s: float
     ) -> None:
-        """``storage``: the worker's ``KdsearchStorage`` (the study's own is wrapped in
-        Optuna's cache), where the progress is written."""
         self.study = study
+        self.storage = storage
         self.trial_id = trial_id
         self.interval_s = interval_s
-        self.storage = storage
-        self._published: tuple[Any, ...] | None = None
+        self.lost = threading.Event()  # the trial was settled by another worker
+        self._published: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdsearch-heartbeat", daemon=True)
 
     def _run(self) -> None:
-        storage = self.study._storage
         while not self._stop.is_set():
             try:
-                storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                if self.storage.trial_state(self.trial_id) != TrialState.RUNNING:
+                    logger.warning(
+                        "trial id %d was settled by another worker while this one ran it "
+                        "(it was silent past the grace period): abandoning it",
+                        self.trial_id,
+                    )
+                    self.lost.set()
+                    return
+                self.storage.record_heartbeat(self.trial_id)
                 self._publish_progress()
-                fail_stale_trials(self.study)
-            except Exception as exc:  # a heartbeat must never kill the worker
+                sweep_stale_trials(self.study, self.storage, self.study.study_name)
+            except TRANSIENT_ERRORS as exc:  # a heartbeat must never kill the worker
+                self.storage.note_outage()
+                logger.warning("heartbeat failed (will retry): %s", first_line(exc))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # settled meanwhile: the next beat sees it
+            except Exception as exc:
                 logger.warning("heartbeat failed (will retry): %s", first_line(exc))
             self._stop.wait(self.interval_s)
 
     def _publish_progress(self) -> None:
         now = progress.snapshot()
-        key = None if now is None else (now["label"], now["step"])
-        if now is None or key == self._published or self.storage is None:
+        if now is None:
             return
-        set_trial_attrs(self.storage, self.trial_id, {TrialAttr.PROGRESS: now})
+        key = (now.label, now.step)
+        if key == self._published:
+            return
+        set_trial_attrs(self.storage, self.trial_id, {TrialAttr.PROGRESS: now.as_dict()})
         self._published = key
 
     def __enter__(self) -> Heartbeat:

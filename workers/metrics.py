@@ -101,6 +101,12 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.asarray(probs).argmax(1) == np.asarray(labels)))
 
 
+def majority_accuracy(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most common class of ``labels``."""
+    labels = np.asarray(labels)
+    return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
+
+
 def f1_binary(probs: np.ndarray, labels: np.ndarray) -> float:
     """F1 of class 1 (GLUE's convention for MRPC and QQP)."""
     pred = np.asarray(probs).argmax(1)

@@ -1,20 +1,28 @@
-"""Teacher and student models through ``transformers``' Auto classes.
+"""Teacher and student models through ``transformers``' Auto classes, and the one model
+cache of a worker process.
 
 A model is named by a local folder, a Hugging Face hub id, or ``package:NAME`` (a Python
 package that bundles a model folder, like the offline MiniLM). Checkpoints whose
 ``config.json`` has no ``model_type`` (TinyBERT's general-distillation checkpoints) load
 as BERT. Every failure to load becomes one ``KdsearchError`` naming the model.
+
+A worker runs many trials of one study: each model is read from disk once per process
+(``cached``): students are handed out as fresh copies (their new modules drawn from the
+trial's seed), teachers as the one shared, frozen instance. The cache is bounded (oldest
+out first), so a process that runs several studies (the Python API) does not keep every
+model it ever read.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from pathlib import Path
-from typing import Any
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -27,33 +35,37 @@ from transformers import (
 )
 
 from kdsearch.service.errors import KdsearchError, first_line
-from kdsearch.service.spec import StudentSpec
+from kdsearch.workers.checkpoints import is_untyped_bert, raw_config
 from kdsearch.workers.packages import resolve_model_ref
 
 logger = logging.getLogger(__name__)
 
-# Keys a BERT config.json carries; a config without model_type but with these is BERT.
-_BERT_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"}
+Head = Literal["hf", "tinybert"]
 
 
-def _raw_config(location: str) -> dict[str, Any] | None:
-    """config.json of a local folder or (already cached) hub model, or None."""
-    from transformers.utils import cached_file
+@dataclass(frozen=True)
+class Loading:
+    """How to load a checkpoint."""
 
-    try:
-        path = cached_file(location, "config.json", _raise_exceptions_for_missing_entries=False)
-        return json.loads(Path(path).read_text()) if path else None
-    except Exception:
-        return None
+    attention: str | None = None  # attention implementation (stage 1 needs the raw scores)
+    safetensors_only: bool = False  # refuse pickled weights (kdsearch's own shared cache)
+    layers: int | None = None  # keep the first N layers (a student made of teacher layers)
+    head: Head = "hf"  # the student's classification head (``training.student_head``)
+    labels: tuple[str, ...] | None = None  # class names (id2label of an exported model)
 
 
-def load_config(ref: str, what: str, **overrides: Any) -> PretrainedConfig:
+def load_config(ref: str, what: str, num_labels: int, how: Loading = Loading()) -> PretrainedConfig:
     location = resolve_model_ref(ref)
+    overrides: dict[str, Any] = {"num_labels": num_labels}
+    if how.layers is not None:
+        overrides["num_hidden_layers"] = how.layers
+    if how.labels is not None:
+        overrides["id2label"] = dict(enumerate(how.labels))
+        overrides["label2id"] = {name: i for i, name in enumerate(how.labels)}
     try:
         return AutoConfig.from_pretrained(location, **overrides)
     except ValueError as exc:
-        raw = _raw_config(location)
-        if isinstance(raw, dict) and "model_type" not in raw and _BERT_KEYS <= raw.keys():
+        if is_untyped_bert(raw_config(location)):
             logger.info(
                 "%s %r: config.json has no model_type; loading it as BERT (as TinyBERT's "
                 "general-distillation checkpoints need)", what, ref,
@@ -71,35 +83,58 @@ def load_config(ref: str, what: str, **overrides: Any) -> PretrainedConfig:
         ) from None
 
 
-def load_model(
-    ref: str,
-    what: str,
-    num_labels: int,
-    attention: str | None = None,
-    safetensors_only: bool = False,
-    output_loading_info: bool = False,
-    **overrides: Any,
-) -> Any:
+def load_model(ref: str, what: str, num_labels: int, how: Loading = Loading()) -> Any:
     """A sequence classifier with ``num_labels`` outputs (a new head when the checkpoint's
-    differs). ``attention``: the attention implementation (stage 1 needs the raw scores);
-    ``safetensors_only``: refuse pickled weights (kdsearch's own shared cache);
-    ``output_loading_info``: (model, what was missing from the checkpoint), as
-    transformers gives it."""
+    differs), and the names of the modules the checkpoint did not hold (newly made)."""
     location = resolve_model_ref(ref)
-    config = load_config(ref, what, num_labels=num_labels, **overrides)
-    extra: dict[str, Any] = {"attn_implementation": attention} if attention else {}
-    if safetensors_only:
+    config = load_config(ref, what, num_labels, how)
+    extra: dict[str, Any] = {"output_loading_info": True}
+    if how.attention:
+        extra["attn_implementation"] = how.attention
+    if how.safetensors_only:
         extra["use_safetensors"] = True
-    if output_loading_info:
-        extra["output_loading_info"] = True
     try:
-        return AutoModelForSequenceClassification.from_pretrained(location, config=config, **extra)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            location, config=config, **extra
+        )
     except Exception as exc:  # missing, truncated or corrupted weights; no network
         raise KdsearchError(
             f"cannot load the {what} {ref!r}: {first_line(exc)}. Check that the folder holds "
             "complete weights (model.safetensors or pytorch_model.bin), or the hub id and "
             "network access"
         ) from None
+    if how.head == "tinybert":
+        tinybert_head(model, f"the {what} {ref!r}")
+    return model, tuple(sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]}))
+
+
+class _ReluInPlaceOfDropout(nn.ReLU):
+    """TinyBERT's head: ``classifier(relu(pooled_output))``, no dropout on the pooled output."""
+
+
+def tinybert_head(model: PreTrainedModel, what: str = "the model") -> PreTrainedModel:
+    """Give a BERT sequence classifier TinyBERT's head (``TinyBertForSequenceClassification``):
+    Hugging Face's applies dropout to the pooled output and no ReLU; TinyBERT applies a
+    ReLU and no dropout. The model's ``dropout`` before the classifier becomes that ReLU
+    (in place; a model saved with ``save_pretrained`` does not keep it: apply this again
+    after loading it)."""
+    if not (hasattr(model, "bert") and isinstance(getattr(model, "dropout", None), nn.Module)):
+        raise KdsearchError(
+            f"training.student_head 'tinybert' needs a BERT student (a pooled output, then "
+            f"dropout and the classifier), but {what} is a {type(model).__name__}; use "
+            "student_head: hf"
+        )
+    model.dropout = _ReluInPlaceOfDropout()
+    return model
+
+
+def quiet_transformers() -> None:
+    """Our own logs report loading and progress; transformers' (its load reports, its
+    progress bars) would repeat them."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
@@ -109,8 +144,7 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(location)
     except Exception as exc:
-        raw = _raw_config(location)
-        if isinstance(raw, dict) and "model_type" not in raw and _BERT_KEYS <= raw.keys():
+        if is_untyped_bert(raw_config(location)):
             try:
                 return BertTokenizerFast.from_pretrained(location)
             except Exception:
@@ -121,11 +155,8 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
         ) from None
 
 
-# Initial students (and stage-1 teachers) already read in this process: a trial copies
-# one instead of reading the checkpoint again (a worker runs many trials of one study).
-# Bounded, oldest out first: a process that runs several studies (the Python API) must
-# not keep every model it ever read.
-_LOADED: dict[tuple[Any, ...], tuple[PreTrainedModel, tuple[str, ...]]] = {}
+# The models already read in this process: (the model, the names of its new modules).
+_LOADED: OrderedDict[tuple[Any, ...], tuple[PreTrainedModel, tuple[str, ...]]] = OrderedDict()
 _LOADED_MAX = 4
 
 
@@ -134,18 +165,26 @@ def forget_loaded() -> None:
     _LOADED.clear()
 
 
-def _load_once(key: tuple[Any, ...], seed: int, *args: Any, **kwargs: Any) -> Any:
-    """``load_model(*args, **kwargs)``, read from disk the first time only; returns a
-    fresh copy whose newly initialised modules (missing from the checkpoint: a new
-    classifier head) are drawn from ``seed``: the same weights on every call, first or
-    not, in every process."""
-    if key not in _LOADED:
-        if len(_LOADED) >= _LOADED_MAX:
-            del _LOADED[next(iter(_LOADED))]
-        model, info = load_model(*args, output_loading_info=True, **kwargs)
-        fresh = {k.rsplit(".", 1)[0] for k in info["missing_keys"]}
-        _LOADED[key] = (model, tuple(sorted(fresh)))
-    base, fresh = _LOADED[key]
+def _cached(
+    ref: str, what: str, num_labels: int, how: Loading
+) -> tuple[PreTrainedModel, tuple[str, ...]]:
+    key = (resolve_model_ref(ref), what, num_labels, how)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    if len(_LOADED) >= _LOADED_MAX:
+        _LOADED.popitem(last=False)
+    _LOADED[key] = load_model(ref, what, num_labels, how)
+    return _LOADED[key]
+
+
+def fresh_student(
+    ref: str, num_labels: int, seed: int, how: Loading = Loading()
+) -> PreTrainedModel:
+    """A new student from checkpoint ``ref``, read from disk once per process: a copy,
+    whose modules the checkpoint did not hold (a new classifier head) are drawn from
+    ``seed``, so the same trial starts from the same weights in every process."""
+    base, fresh = _cached(ref, "student", num_labels, how)
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     for name in fresh:
@@ -153,22 +192,10 @@ def _load_once(key: tuple[Any, ...], seed: int, *args: Any, **kwargs: Any) -> An
     return model
 
 
-def load_student(
-    student: StudentSpec,
-    teacher_ref: str,
-    num_labels: int,
-    seed: int,
-    attention: str | None = None,
-    layers: int | None = None,
-) -> PreTrainedModel:
-    """A fresh student. Its new weights (a new classifier head) are drawn from ``seed``,
-    so the same trial starts from the same weights. With ``teacher_layers`` (or
-    ``layers``, a depth searched per trial) it is the first layers of the teacher's
-    checkpoint (``teacher_ref``). The checkpoint is read once per process."""
-    depth = layers or student.teacher_layers
-    own = depth is not None and student.layers_from == "finetuned"
-    ref = teacher_ref if depth is not None else student.model or ""
-    extra = {"num_hidden_layers": depth} if depth is not None else {}
-    key = (ref, depth, num_labels, attention, own)
-    # the study's own fine-tuned teacher is read from its cache as safetensors only
-    return _load_once(key, seed, ref, "student", num_labels, attention, own, **extra)
+def shared_teacher(ref: str, num_labels: int, how: Loading = Loading()) -> PreTrainedModel:
+    """The study's teacher, read once per process and shared (never trained: callers put
+    it in eval mode, or in train mode for dropout targets, and never step it)."""
+    model, _ = _cached(ref, "teacher", num_labels, replace(how, head="hf"))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

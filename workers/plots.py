@@ -9,6 +9,7 @@ its last computation and its completion, so they are kept cheap (docs/benchmarks
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +20,27 @@ from kdsearch.service.record import ProbePoint
 from kdsearch.workers.metrics import both_correct, calibration_bins, kept_deltas
 
 
+@dataclass(frozen=True)
+class Marks:
+    """What the confidence histogram marks: the trial's sigma and kappa, and the class
+    names of a study with more than two classes."""
+
+    sigma: float
+    sigma_max: float
+    class_names: tuple[str, ...] | None = None
+
+
 def delta_histogram(
-    teacher: np.ndarray,
-    student: np.ndarray,
-    labels: np.ndarray,
-    sigma: float,
-    sigma_max: float,
-    path: Path,
-    class_names: tuple[str, ...] | None = None,
+    teacher: np.ndarray, student: np.ndarray, labels: np.ndarray, marks: Marks, path: Path
 ) -> None:
     """delta = p0_T - p0_S over the inputs both models get right, with the trial's
     ``sigma`` (computed from the same deltas) and kappa marked. With more than two
     classes: one histogram of p_c differences per class, each with its sigma (the
     objective is the largest)."""
     if teacher.shape[1] > 2:
-        _per_class_histogram(teacher, student, labels, sigma, sigma_max, path, class_names)
+        _per_class_histogram((teacher, student, labels), marks, path)
         return
+    sigma, sigma_max = marks.sigma, marks.sigma_max
     delta = kept_deltas(teacher, student, labels)  # (K,)
     fig, ax = _figure((6, 4))
     ax.hist(delta, bins=60, color="#4c72b0", histtype="stepfilled")
@@ -60,14 +66,10 @@ def delta_histogram(
 
 
 def _per_class_histogram(
-    teacher: np.ndarray,
-    student: np.ndarray,
-    labels: np.ndarray,
-    sigma: float,
-    sigma_max: float,
-    path: Path,
-    class_names: tuple[str, ...] | None,
+    probs: tuple[np.ndarray, np.ndarray, np.ndarray], marks: Marks, path: Path
 ) -> None:
+    teacher, student, labels = probs
+    sigma, sigma_max, class_names = marks.sigma, marks.sigma_max, marks.class_names
     keep = both_correct(teacher, student, labels)
     deltas = np.asarray(teacher, np.float64)[keep] - np.asarray(student, np.float64)[keep]
     names = class_names or tuple(f"class {c}" for c in range(deltas.shape[1]))

@@ -33,7 +33,11 @@ def write_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> None
 
 def read_predictions(path: Path) -> Predictions:
     """Read a prediction file; refuse anything that is not one (missing, not UTF-8,
-    malformed rows, probabilities outside [0, 1] or not finite), naming the row."""
+    malformed rows, probabilities outside [0, 1] or not finite, rows that contradict their
+    own columns), naming the row."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a FIFO (would block), /dev/zero
+        raise KdsearchError(f"{path}: not a regular file; give a pred,p0,p1,label CSV file")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
@@ -52,6 +56,12 @@ def read_predictions(path: Path) -> Predictions:
     if len(rows) == 1:
         raise KdsearchError(f"{path}: has a header but no rows; give the split's predictions")
     label_col = header.index("label")
+    for row, fields in enumerate(rows[1:], 1):
+        if len(fields) != len(header):
+            raise KdsearchError(
+                f"{path}: data row {row} has {len(fields)} fields but the header has "
+                f"{len(header)} ({','.join(header)}); write one value per column"
+            )
     try:
         probs = np.array([[float(r[i]) for i in prob_cols] for r in rows[1:]], dtype=np.float64)
         labels = np.array([int(r[label_col]) for r in rows[1:]])
@@ -65,4 +75,26 @@ def read_predictions(path: Path) -> Predictions:
             f"{path}: data row {row + 1} has probabilities {probs[row].tolist()}, not numbers in "
             f"[0, 1] ({bad.size} such rows); write softmax outputs"
         )
+    bad = np.flatnonzero((labels < 0) | (labels >= probs.shape[1]))
+    if bad.size:
+        raise KdsearchError(
+            f"{path}: data row {int(bad[0]) + 1} has label {int(labels[bad[0]])}, but the file "
+            f"has {probs.shape[1]} probability columns (labels 0..{probs.shape[1] - 1})"
+        )
+    if "pred" in header:
+        pred_col = header.index("pred")
+        try:
+            preds = np.array([int(r[pred_col]) for r in rows[1:]])
+        except ValueError as exc:
+            raise KdsearchError(f"{path}: malformed pred ({exc}); pred is a class id") from None
+        inside = (preds >= 0) & (preds < probs.shape[1])
+        chosen = probs[np.arange(len(probs)), np.where(inside, preds, 0)]
+        # pred must be a most probable class (ties allowed): else the columns disagree
+        bad = np.flatnonzero(~inside | (chosen < probs.max(1) - 1e-9))
+        if bad.size:
+            row = int(bad[0])
+            raise KdsearchError(
+                f"{path}: data row {row + 1} says pred {int(preds[row])} but its probabilities "
+                f"are {probs[row].tolist()}; pred must be the most probable class"
+            )
     return Predictions(probs, labels)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any
+from typing import IO
+
+from kdsearch.service.record import ProgressSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -17,13 +19,13 @@ logger = logging.getLogger(__name__)
 _ACTIVE: Progress | None = None
 
 
-def snapshot() -> dict[str, Any] | None:
-    """Where the running training is: ``{label, step, total, elapsed_s}``, or None."""
+def snapshot() -> ProgressSnapshot | None:
+    """Where the running training is, or None."""
     active = _ACTIVE
     if active is None:
         return None
     elapsed = round(time.monotonic() - active.start, 1)
-    return {"label": active.label, "step": active.step, "total": active.total, "elapsed_s": elapsed}
+    return ProgressSnapshot(active.label, active.step, active.total, elapsed)
 
 
 class Progress:

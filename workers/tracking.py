@@ -26,16 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from optuna.trial import TrialState
 
 from kdsearch.service.errors import InfrastructureError, first_line
-from kdsearch.service.record import ProbePoint, StudyAttr, TrialOutcome, set_study_attr
-from kdsearch.service.spec import Hyperparameters, StudySpec
-from kdsearch.service.storage import study_lock
+from kdsearch.service.record import (
+    ProbePoint,
+    StudyAttr,
+    TrackingIds,
+    TrialOutcome,
+    set_study_attr,
+)
+from kdsearch.service.spec import StudySpec
+from kdsearch.service.storage import critical_section
 
 logger = logging.getLogger(__name__)
 
-# MLflow run states of a trial's end (TrialState names as Optuna gives them).
-_MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# MLflow run states of a trial's end (None: the trial was abandoned, another worker
+# settled it).
+_MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", None: "KILLED"}
 
 
 def final_metrics(outcome: TrialOutcome) -> dict[str, float]:
@@ -59,17 +67,22 @@ class TrialTracking:
         self.runs = runs
         self.steps_per_epoch = steps_per_epoch
 
-    def ids(self) -> dict[str, str]:
-        return {k: v for run in self.runs for k, v in run.ids().items()}
+    def ids(self) -> TrackingIds:
+        found = {k: v for run in self.runs for k, v in run.ids().items()}
+        return TrackingIds(**found)
 
     def probe(self, point: ProbePoint) -> None:
         step = round(point.epoch * self.steps_per_epoch)
         self._each("probe", lambda run: run.probe(point, step))
 
     def finish(
-        self, state: str, outcome: TrialOutcome | None = None, files: dict[str, Path] | None = None
+        self,
+        state: TrialState | None,
+        outcome: TrialOutcome | None = None,
+        files: dict[str, Path] | None = None,
     ) -> None:
-        """End the runs. ``outcome`` and ``files`` (the plots) for a finished trial."""
+        """End the runs with the trial's state (None: abandoned). ``outcome`` and ``files``
+        (the plots) for a finished trial."""
         files = files or {}
         self._each("finish", lambda run: run.finish(state, outcome, files, self.steps_per_epoch))
 
@@ -109,17 +122,10 @@ class Tracking:
     def enabled(self) -> bool:
         return self.mlflow is not None or self.tensorboard is not None
 
-    def start(
-        self,
-        number: int,
-        hparams: Hyperparameters,
-        tags: dict[str, Any],
-        steps_per_epoch: int,
-    ) -> TrialTracking:
-        """Open the trial's runs: its hyperparameters (every one, searched or fixed) and
-        ``tags`` (replicate, seed, configuration, baseline, worker)."""
+    def start(self, number: int, params: dict[str, Any], steps_per_epoch: int) -> TrialTracking:
+        """Open the trial's runs with ``params``: its hyperparameters (every one, searched
+        or fixed) and who it is in the study (replicate, seed, configuration, role)."""
         runs: list[Any] = []
-        params = {**hparams.model_dump(), **tags}
         for make in (
             (lambda: self.mlflow.trial_run(number, params)) if self.mlflow else None,
             (lambda: _TensorBoardRun(self.tensorboard / f"trial-{number}", params))
@@ -174,7 +180,7 @@ class _MlflowStudy:
 
     def _parent_run(self, spec: StudySpec, study: Any, storage: Any) -> str:
         """The study's run, created once per tracking URI under the study lock."""
-        with study_lock(storage, spec.name):
+        with critical_section(storage, f"{spec.name}:tracking"):
             known = dict(study.user_attrs.get(StudyAttr.TRACKING) or {})
             if self.uri in known:
                 return known[self.uri]
@@ -226,7 +232,7 @@ class _MlflowRun:
 
     def finish(
         self,
-        state: str,
+        state: TrialState | None,
         outcome: TrialOutcome | None,
         files: dict[str, Path],
         steps_per_epoch: int,
@@ -288,7 +294,7 @@ class _TensorBoardRun:
 
     def finish(
         self,
-        state: str,
+        state: TrialState | None,
         outcome: TrialOutcome | None,
         files: dict[str, Path],
         steps_per_epoch: int,
@@ -303,8 +309,9 @@ class _TensorBoardRun:
                 metrics = {f"final/{k}": v for k, v in final_metrics(outcome).items()}
             # The HParams tab: the trial's hyperparameters against its final figures, in
             # the trial's own folder (add_hparams would open a sub-folder per call).
+            values = {**self.params, "state": state.name if state else "ABANDONED"}
             shown = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                     for k, v in {**self.params, "state": state}.items()}  # fmt: skip
+                     for k, v in values.items()}  # fmt: skip
             for summary in hparams(shown, metrics):
                 self.writer.file_writer.add_summary(summary)
             for name, value in metrics.items():

@@ -1,8 +1,10 @@
 """The one training loop, for every stage: teacher fine-tuning, stage 1 (intermediate
-layers) and stage 2 (prediction layer) differ only in their ``Objective``.
+layers) and stage 2 (prediction layer) differ only in their ``Objective`` and their
+``LoopSettings`` (``workers/stages.py`` builds both from each stage's spec section).
 
-So every stage gets the same optimizer (fused AdamW, decay on weights only), learning-rate
-schedule, precision, length-grouped batches, progress output and non-finite check.
+So every stage gets the same optimizer (fused AdamW or TinyBERT's BertAdam, decay on
+weights only), learning-rate schedule, precision, batching, evaluation grid, progress
+output, cancellation check and non-finite check.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kdsearch.workers.batching import Encoded, collate, length_grouped_batches
+from kdsearch.workers.batching import Batching, Encoded, collate
 from kdsearch.workers.device import autocast, to_device
 from kdsearch.workers.progress import Progress
 
@@ -57,6 +59,30 @@ OptimizerName = Literal["adamw", "bertadam"]
 
 
 @dataclass(frozen=True)
+class EvalGrid:
+    """When a stage evaluates (the pruning probe and checkpoint selection read these).
+
+    ``kdsearch`` (``tinybert=False``): after every ``every``-th optimizer step within an
+    epoch and at every epoch end (the last is the final scoring itself). TinyBERT's
+    (``task_distill.py``): after the optimizer step ``s`` for which ``(s + 1) % k == 0``
+    (one step before each multiple of ``eval_step``), counted over the whole run, and never
+    at epoch ends: the final model is a candidate only when it lands on that grid."""
+
+    every: tuple[int, ...] = ()
+    tinybert: bool = False
+
+    def due(self, step: int) -> bool:
+        """Whether to evaluate after global step ``step`` (1-based), epoch ends aside."""
+        if self.tinybert:
+            return any((step + 1) % k == 0 for k in self.every)
+        return any(step % k == 0 for k in self.every)
+
+    @property
+    def at_epoch_ends(self) -> bool:
+        return not self.tinybert
+
+
+@dataclass(frozen=True)
 class LoopSettings:
     """The optimisation settings of one stage."""
 
@@ -68,13 +94,31 @@ class LoopSettings:
     schedule: Schedule = "warmup_linear"
     """warmup_linear: linear warmup, then linear decay to 0 (TinyBERT's stage 2 and
     fine-tuning); constant: no warmup, no decay (TinyBERT's stage 1)."""
-    eval_every_steps: tuple[int, ...] = ()
-    """Also call ``on_eval`` at every multiple of each of these step counts (besides epoch
-    ends), once per step."""
+    grid: EvalGrid = field(default_factory=EvalGrid)
     optimizer: OptimizerName = "adamw"
     """``adamw``: torch's fused AdamW; ``bertadam``: TinyBERT's BertAdam (``BertAdam``)."""
     dtype: torch.dtype | None = None
     """Autocast dtype of the forward passes (None: fp32); losses are fp32 whatever it is."""
+    seed: int = 0
+    """The seed of the data order (its own generator: the order depends on it alone)."""
+    batching: Batching = field(default_factory=Batching)
+
+
+class Cancelled(Exception):
+    """``FitHooks.cancelled`` said to stop: the run is no longer wanted."""
+
+
+@dataclass(frozen=True)
+class FitHooks:
+    """What a stage tells its caller while it trains."""
+
+    on_eval: Callable[[float], None] | None = None
+    """``on_eval(epochs_done)`` at every evaluation of the grid (fractional epochs within
+    an epoch, e.g. 1.25): an evaluation that may raise to stop training."""
+    label: str = "train"
+    """Names the stage in progress lines."""
+    cancelled: Callable[[], bool] | None = None
+    """Asked after every step; True stops the run with ``Cancelled``."""
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, object]]:
@@ -215,36 +259,32 @@ def fit(
     objective: Objective,
     settings: LoopSettings,
     device: torch.device,
-    seed: int,
-    pad_id: int,
-    on_eval: Callable[[float], None] | None = None,
-    label: str = "train",
+    hooks: FitHooks = FitHooks(),
 ) -> list[float]:
     """Train ``model`` (and the objective's modules) on ``data``. Returns the mean loss of
-    each epoch.
-
-    ``on_eval(epochs_done)`` runs after each epoch (1.0, 2.0, ...) and, with
-    ``settings.eval_every_steps`` N, after every N-th optimizer step within an epoch
-    (epochs_done fractional, e.g. 1.25): an evaluation that may raise to stop training.
-    The model is back in train mode afterwards."""
+    each epoch. The model is back in train mode after each evaluation."""
     modules = [model, *objective.modules()]
     for module in modules:
         module.to(device).train()
-    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    batching = settings.batching
+    steps_per_epoch = batching.steps_per_epoch(len(data), settings.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{hooks.label}: {len(data)} rows make no full batch of {settings.batch_size}"
+        )
     total_steps = steps_per_epoch * settings.epochs
     optimizer, schedule = make_optimizer(modules, settings, total_steps, device)
     # The shuffle has its own generator: the order depends on the seed only.
-    generator = torch.Generator().manual_seed(seed)
-    lengths = data.lengths
-    every = settings.eval_every_steps
-    progress = Progress(total_steps, label)
+    generator = torch.Generator().manual_seed(settings.seed)
+    grid = settings.grid
+    progress = Progress(total_steps, hooks.label)
     try:
         epoch_losses = []
         for epoch in range(settings.epochs):
             loss_sum = torch.zeros((), device=device)
-            batches = length_grouped_batches(lengths, settings.batch_size, generator)
+            batches = batching.batches(data, settings.batch_size, generator)
             for in_epoch, index in enumerate(batches, start=1):
-                batch = to_device(collate(data, index, pad_id), device)
+                batch = to_device(collate(data, index, batching.pad_to), device)
                 with autocast(device, settings.dtype):
                     loss = objective(model, batch, index)
                 loss.backward()
@@ -258,19 +298,23 @@ def fit(
                 progress.advance(
                     epoch + 1, settings.epochs, float(loss.detach()) if report else None
                 )
+                if hooks.cancelled is not None and hooks.cancelled():
+                    raise Cancelled(f"{hooks.label}: cancelled at step {progress.step}")
                 step = epoch * steps_per_epoch + in_epoch
-                # The epoch-end evaluation comes below.
-                due = any(step % period == 0 for period in every)
-                if on_eval and due and in_epoch < steps_per_epoch:
-                    on_eval(epoch + in_epoch / steps_per_epoch)
+                # The epoch-end evaluation (kdsearch's grid) comes below.
+                at_end = in_epoch == steps_per_epoch and grid.at_epoch_ends
+                if hooks.on_eval is not None and grid.due(step) and not at_end:
+                    hooks.on_eval(epoch + in_epoch / steps_per_epoch)
                     model.train()
             mean_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"{label}: loss is {mean_loss} in epoch {epoch + 1}")
-            logger.info("%s, epoch %d/%d: loss %.6f", label, epoch + 1, settings.epochs, mean_loss)
+                raise FloatingPointError(f"{hooks.label}: loss is {mean_loss} in epoch {epoch + 1}")
+            logger.info(
+                "%s, epoch %d/%d: loss %.6f", hooks.label, epoch + 1, settings.epochs, mean_loss
+            )
             epoch_losses.append(mean_loss)
-            if on_eval is not None:
-                on_eval(float(epoch + 1))
+            if hooks.on_eval is not None and grid.at_epoch_ends:
+                hooks.on_eval(float(epoch + 1))
                 model.train()
         return epoch_losses
     finally:

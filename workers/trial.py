@@ -1,16 +1,18 @@
 """One trial: distil a fresh student's prediction layer (after stage 1, when the trial runs
-it), then score it (setup, train, evaluate, cleanup). ``build_trial`` is the one place a
-trial is made from (spec, study assets, params, device): the worker and
-``kdsearch export`` both use it.
+it), then score it (setup, train, evaluate, cleanup). A trial is made from what the claim
+resolved (``TrialConfig``), the spec sections it needs (``Recipe``), the study assets and
+a device: the worker and ``kdsearch export`` both make it that way.
 
 Evaluations during training serve everything that needs one: the pruning probe (sigma on
 a fixed train subset, the accuracy drop on dev) and checkpoint selection (the dev metric,
-``training.selection: best_dev``). The last evaluation is the final scoring itself, and
-the selected student's dev predictions are reused: no pass over data is made twice.
+``training.selection: best_dev``). With kdsearch's evaluation grid the last evaluation is
+the final scoring itself, and the selected student's dev predictions are reused: no pass
+over data is made twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -24,11 +26,10 @@ import torch
 from transformers import PreTrainedModel
 
 from kdsearch.service.record import ProbePoint, TrialOutcome
-from kdsearch.service.spec import Hyperparameters, Stage1Spec, StudySpec
-from kdsearch.service.study import trial_depth, trial_hyperparameters, trial_stage1
-from kdsearch.workers.assets import StudyAssets, run_stage1, student_source
-from kdsearch.workers.device import peak_memory
-from kdsearch.workers.distill import LogitDistillation
+from kdsearch.service.trial_config import Precision, TrialConfig
+from kdsearch.workers.assets import StudyAssets
+from kdsearch.workers.device import dtype_of, peak_memory
+from kdsearch.workers.distill import CachedTargets, DropoutTargets
 from kdsearch.workers.inference import predict_logits, probabilities
 from kdsearch.workers.intermediate import SCORES_ATTENTION
 from kdsearch.workers.metrics import (
@@ -38,8 +39,16 @@ from kdsearch.workers.metrics import (
     selection_metric,
     task_metrics,
 )
-from kdsearch.workers.models import load_model, load_student
-from kdsearch.workers.training import LoopSettings, fit
+from kdsearch.workers.models import Loading, fresh_student
+from kdsearch.workers.stages import (
+    IntermediateLayers,
+    PredictionLayer,
+    Recipe,
+    run_stage,
+    student_loading,
+    study_teacher,
+)
+from kdsearch.workers.training import FitHooks
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,16 @@ class TrialResult:
     @property
     def accuracy_drop(self) -> float:
         return self.outcome.accuracy_drop
+
+
+@dataclass(frozen=True)
+class TrialHooks:
+    """What a trial tells its session while it runs."""
+
+    on_probe: Callable[[ProbePoint], None] | None = None
+    """Receives a ``ProbePoint`` at every evaluation; may raise ``optuna.TrialPruned``."""
+    cancelled: Callable[[], bool] | None = None
+    """Asked after every training step; True stops the trial (``training.Cancelled``)."""
 
 
 def probe_indices(n_train: int, size: int, seed: int) -> list[int]:
@@ -77,132 +96,84 @@ class _Evaluation:
 
 
 class DistillationTrial:
-    """One hyperparameter setting, from a fresh student to its scored outcome.
-
-    ``on_probe`` receives a ``ProbePoint`` at every evaluation (each epoch end, and every
-    ``training.eval_every_steps`` / ``pruning.probe_every_steps`` steps); it records it and
-    may raise ``optuna.TrialPruned``. ``reference_accuracy``: the dev accuracy the drop is
-    measured against (the teacher's, or the baseline's with ``accuracy_reference:
-    baseline``); ``baseline_accuracy`` adds the drop against the baseline whatever the
-    reference, once the baseline has finished.
-    """
+    """One trial config, from a fresh student to its scored outcome."""
 
     def __init__(
         self,
-        spec: StudySpec,
+        config: TrialConfig,
+        recipe: Recipe,
         assets: StudyAssets,
-        hparams: Hyperparameters,
         device: torch.device,
-        seed: int,
-        on_probe: Callable[[ProbePoint], None] | None = None,
-        stage1: Stage1Spec | None = None,
-        depth: int | None = None,
-        baseline_accuracy: float | None = None,
-        is_baseline: bool = False,
-        dtype: torch.dtype | None = None,
+        hooks: TrialHooks = TrialHooks(),
     ) -> None:
-        """``stage1``: run stage 1 in this trial with these settings; otherwise the trial
-        starts from the study's shared stage-1 student when it has one
-        (``assets.stage1_student``). ``depth``: the student's layers, when it is made
-        from the teacher's."""
-        self.spec = spec
+        """Stage 1 runs in this trial when ``config.stage1`` is set; otherwise the trial
+        starts from the study's shared stage-1 student when it has one."""
+        self.config = config
+        self.recipe = recipe
         self.assets = assets
-        self.hparams = hparams
         self.device = device
-        self.seed = seed
-        self.on_probe = on_probe
-        self.stage1 = stage1
-        self.depth = depth
-        self.dtype = dtype  # training and evaluations during it; final scoring is fp32
-        self.baseline_accuracy = baseline_accuracy
-        self.is_baseline = is_baseline
-        # None: the baseline measured against itself (known once it is scored).
-        self.reference_accuracy: float | None = assets.teacher_dev_accuracy
-        if spec.thresholds.accuracy_reference == "baseline":
-            self.reference_accuracy = None if is_baseline else baseline_accuracy
-            if not is_baseline and baseline_accuracy is None:
-                raise ValueError("accuracy_reference is 'baseline' but the baseline has no result")
+        self.hooks = hooks
+        self.dtype = dtype_of(config.precision)  # training and evaluations during it
         self.stage1_losses: list[float] | None = None
         self.student: PreTrainedModel | None = None
         self.inputs = assets.student_inputs
-        self.probe_index = probe_indices(len(self.inputs.train), spec.pruning.probe_size, spec.seed)
+        self.probe_index = probe_indices(
+            len(self.inputs.train), recipe.probe_size, recipe.probe_seed
+        )
         self.probe_data = self.inputs.train.subset(self.probe_index)
         self.probe_teacher = assets.teacher_probs_train[self.probe_index]
         self.evaluations: list[_Evaluation] = []
         self.best: _Evaluation | None = None
+        self.stage = PredictionLayer(
+            config, recipe.training, recipe.probe_every_steps, self.inputs.training,
+            self._targets(), recipe.max_seq_length, self.dtype,
+        )  # fmt: skip
+
+    def _targets(self) -> CachedTargets | DropoutTargets:
+        if self.recipe.training.teacher_targets == "dropout":
+            return DropoutTargets(study_teacher(self.assets))
+        return CachedTargets(self.assets.distill_targets)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.stage.steps_per_epoch
 
     # --- setup -----------------------------------------------------------------------
 
     def setup(self) -> None:
-        spec, assets = self.spec, self.assets
-        if assets.stage1_student is not None:
+        config, assets, recipe = self.config, self.assets, self.recipe
+        head = recipe.training.student_head
+        if assets.stage1_student is not None and config.stage1 is None:
             # The study's stage-1 student, distilled once; its classifier head (untouched
             # by stage 1) is drawn again from the trial's seed, as a fresh student's is,
             # and the seed is set again before stage 2: deterministic on this path too.
-            self.student = load_model(
-                str(assets.stage1_student),
-                "stage-1 student",
-                assets.num_labels,
-                safetensors_only=True,
+            loading = Loading(safetensors_only=True, head=head, labels=assets.label_names)
+            self.student = fresh_student(
+                str(assets.stage1_student), assets.num_labels, config.seed, loading
             )
-            torch.manual_seed(self.seed)
+            torch.manual_seed(config.seed)
             self.student.classifier.apply(self.student._init_weights)
             return
-        attention = SCORES_ATTENTION if self.stage1 is not None else None
-        self.student = load_student(
-            spec.student,
-            student_source(spec, assets),
-            assets.num_labels,
-            self.seed,
-            attention=attention,
-            layers=self.depth,
-        )
-        if self.stage1 is not None:
-            self.stage1_losses = run_stage1(
-                spec, assets, self.student, self.stage1, self.device, self.seed, self.dtype
-            )
+        attention = SCORES_ATTENTION if config.stage1 is not None else None
+        loading = student_loading(recipe, assets, attention, config.depth)
+        self.student = fresh_student(assets.student_source, assets.num_labels, config.seed, loading)
+        if config.stage1 is not None:
+            stage = IntermediateLayers(
+                config.stage1, recipe.training, assets.teacher_inputs.training,
+                study_teacher(assets, SCORES_ATTENTION), recipe.student_checkpoint,
+                config.seed, recipe.max_seq_length, self.dtype,
+            )  # fmt: skip
+            self.stage1_losses = run_stage(stage, self.student, self.device, self._fit_hooks())
+            self.student.set_attn_implementation("sdpa")  # stage 2 needs no scores
+
+    def _fit_hooks(self, on_eval: Callable[[float], None] | None = None) -> FitHooks:
+        return FitHooks(on_eval=on_eval, cancelled=self.hooks.cancelled)
 
     # --- train -----------------------------------------------------------------------
 
-    def loop_settings(self) -> LoopSettings:
-        h, training = self.hparams, self.spec.training
-        periods = (training.eval_every_steps, self.spec.pruning.probe_every_steps)
-        return LoopSettings(
-            learning_rate=h.learning_rate,
-            batch_size=h.batch_size,
-            epochs=h.epochs,
-            weight_decay=h.weight_decay,
-            warmup_proportion=h.warmup_proportion,
-            eval_every_steps=tuple(sorted({p for p in periods if p})),
-            optimizer=training.optimizer,
-            dtype=self.dtype,
-        )
-
-    @property
-    def training_data(self) -> Any:
-        """What stage 2 trains on: the augmented train split when the spec has one."""
-        return self.inputs.train_augmented or self.inputs.train
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.training_data) / self.hparams.batch_size)
-
     def train(self) -> list[float]:
         assert self.student is not None, "call setup() first"
-        data = self.training_data
-        objective = LogitDistillation(self.assets.distill_targets, self.hparams.temperature)
-        torch.manual_seed(self.seed)  # dropout masks: the same on every path and process
-        return fit(
-            self.student,
-            data,
-            objective,
-            self.loop_settings(),
-            self.device,
-            seed=self.seed,
-            pad_id=self.inputs.pad_id,
-            on_eval=self.evaluate_at,
-            label="distillation",
-        )
+        return run_stage(self.stage, self.student, self.device, self._fit_hooks(self.evaluate_at))
 
     # --- evaluate --------------------------------------------------------------------
 
@@ -210,17 +181,21 @@ class DistillationTrial:
         """The student's logits on ``data``: in fp32 for the final scoring, else at the
         training precision."""
         assert self.student is not None
-        batch, pad = self.spec.eval_batch_size, self.inputs.pad_id
         dtype = None if scoring else self.dtype
-        return predict_logits(self.student, data, batch, self.device, pad, dtype=dtype)
+        return predict_logits(
+            self.student, data, self.device, self.recipe.eval_batch_size, dtype=dtype
+        )
+
+    @property
+    def _selecting(self) -> bool:
+        return self.recipe.training.selection == "best_dev"
 
     def evaluate_at(self, epoch: float) -> None:
         """One evaluation after ``epoch`` epochs of training: dev for the drop and the
         selection metric, the probe subset for the probe's sigma; at the last epoch end,
         the whole train split instead (it is the final scoring, and holds the probe)."""
-        final = epoch == self.hparams.epochs
-        selecting = self.spec.training.selection == "best_dev"
-        if not (final or selecting or self.on_probe is not None):
+        final = epoch == self.config.hyperparameters.epochs
+        if not (final or self._selecting or self.hooks.on_probe is not None):
             return  # nobody reads this evaluation (export re-trains with selection: last)
         # The last evaluation is the final scoring: fp32, and the whole train split.
         dev_logits = self._logits(self.inputs.dev, scoring=final)
@@ -228,39 +203,40 @@ class DistillationTrial:
         probe_logits = train_logits[self.probe_index] if final else self._logits(self.probe_data)
         dev_probs = probabilities(dev_logits)
         labels_dev = self.assets.labels_dev
-        evaluation = _Evaluation(
-            epoch, dev_logits, train_logits, selection_metric(self.spec.task, dev_probs, labels_dev)
-        )
+        metric = selection_metric(self.recipe.task, dev_probs, labels_dev)
+        evaluation = _Evaluation(epoch, dev_logits, train_logits, metric)
         self.evaluations.append(evaluation)
-        if selecting and (self.best is None or evaluation.metric > self.best.metric):
+        # TinyBERT keeps a checkpoint only when its metric beats the best so far, starting
+        # from 0: on its grid, a student that never beats 0 has no candidate.
+        floor = 0.0 if self.recipe.training.eval_grid == "tinybert" else -math.inf
+        best = self.best.metric if self.best is not None else floor
+        if self._selecting and evaluation.metric > best:
             # A copy of the weights: the best student so far, to score at the end.
             assert self.student is not None
             evaluation.state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
             if self.best is not None:
                 self.best.state = None
             self.best = evaluation
-        if self.on_probe is None:
+        if self.hooks.on_probe is None:
             return
-        point = ProbePoint(
-            epoch=epoch,
-            epochs=self.hparams.epochs,
-            sigma=confidence_stats(
-                self.probe_teacher,
-                probabilities(probe_logits),
-                self.assets.labels_train[self.probe_index],
-            ).sigma,
-            accuracy_drop=(self.reference_accuracy or self.assets.teacher_dev_accuracy)
-            - accuracy(dev_probs, labels_dev),
-        )
+        sigma = confidence_stats(
+            self.probe_teacher,
+            probabilities(probe_logits),
+            self.assets.labels_train[self.probe_index],
+        ).sigma
+        drop = self.config.reference.drop(accuracy(dev_probs, labels_dev))
+        point = ProbePoint(epoch=epoch, epochs=self.config.hyperparameters.epochs, sigma=sigma,
+                           accuracy_drop=drop)  # fmt: skip
         logger.info(
-            "evaluation after epoch %.4g: probe sigma %.6f, accuracy_drop %.4f, %s %.4f",
-            epoch, point.sigma, point.accuracy_drop, "dev metric", evaluation.metric,
+            "evaluation after epoch %.4g: probe sigma %.6f, accuracy_drop %.4f against %s, "
+            "dev metric %.4f",
+            epoch, point.sigma, point.accuracy_drop, self.config.reference.description, metric,
         )  # fmt: skip
-        self.on_probe(point)
+        self.hooks.on_probe(point)
 
     def scored_logits(self) -> tuple[torch.Tensor, torch.Tensor, float | None]:
         """(train logits, dev logits, the epoch they are from when selected): the student
-        after the last epoch, or the best evaluation's, reusing what was computed."""
+        after training, or the best evaluation's, reusing what was computed."""
         assert self.student is not None
         last = self.evaluations[-1] if self.evaluations else None
         best = self.best
@@ -300,90 +276,56 @@ class DistillationTrial:
             if not keep_student:
                 self.cleanup()
         probs_train, probs_dev = probabilities(train_logits), probabilities(dev_logits)
-        outcome = score(
-            self.spec,
-            self.assets,
+        outcome = self.score(
             probs_train,
             probs_dev,
-            epoch_losses=losses,
-            wall_time_s=time.perf_counter() - start,
-            reference_accuracy=self.reference_accuracy,
-            baseline_accuracy=self.baseline_accuracy,
-            is_baseline=self.is_baseline,
-            selected_epoch=selected,
-            stage1_epoch_losses=self.stage1_losses,
-            peak_memory_mb=memory.get("peak_memory_mb"),
-        )
+            Training(losses, time.perf_counter() - start, selected, self.stage1_losses,
+                     memory.get("peak_memory_mb")),
+        )  # fmt: skip
         return TrialResult(outcome, probs_train, probs_dev)
 
+    def score(
+        self, probs_train: np.ndarray, probs_dev: np.ndarray, training: Training
+    ) -> TrialOutcome:
+        """Every figure of the trial from the student's probabilities on train and dev."""
+        return score(self.config, self.assets, self.recipe.task, (probs_train, probs_dev), training)
 
-def build_trial(
-    spec: StudySpec,
-    assets: StudyAssets,
-    params: dict[str, Any],
-    device: torch.device,
-    on_probe: Callable[[ProbePoint], None] | None = None,
-    baseline_accuracy: float | None = None,
-    is_baseline: bool = False,
-    seed: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> DistillationTrial:
-    """The trial for ``params`` (the searched values; the rest from the spec), trained
-    with ``seed`` (a replicate's; default the study's). ``baseline_accuracy``: the
-    baseline student's dev accuracy, once known."""
-    return DistillationTrial(
-        spec,
-        assets,
-        trial_hyperparameters(spec, params),
-        device,
-        seed=spec.seed if seed is None else seed,
-        on_probe=on_probe,
-        stage1=trial_stage1(spec, params),
-        depth=trial_depth(spec, params),
-        baseline_accuracy=baseline_accuracy,
-        is_baseline=is_baseline,
-        dtype=dtype,
-    )
+
+@dataclass(frozen=True)
+class Training:
+    """What a trial's training produced besides the student."""
+
+    epoch_losses: list[float]
+    wall_time_s: float
+    selected_epoch: float | None = None
+    stage1_epoch_losses: list[float] | None = None
+    peak_memory_mb: float | None = None
 
 
 def score(
-    spec: StudySpec,
+    config: TrialConfig,
     assets: StudyAssets,
-    probs_train: np.ndarray,
-    probs_dev: np.ndarray,
-    epoch_losses: list[float],
-    wall_time_s: float,
-    reference_accuracy: float | None = None,
-    baseline_accuracy: float | None = None,
-    is_baseline: bool = False,
-    selected_epoch: float | None = None,
-    stage1_epoch_losses: list[float] | None = None,
-    peak_memory_mb: float | None = None,
+    task: str,
+    probs: tuple[np.ndarray, np.ndarray],
+    training: Training,
 ) -> TrialOutcome:
-    """Every figure of a trial from the student's probabilities on train and dev."""
+    """Every figure of a trial from the student's probabilities on (train, dev)."""
+    probs_train, probs_dev = probs
     labels_train, labels_dev = assets.labels_train, assets.labels_dev
     teacher_train, teacher_dev = assets.teacher_probs_train, assets.teacher_probs_dev
     on_train = confidence_stats(teacher_train, probs_train, labels_train)
     on_dev = confidence_stats(teacher_dev, probs_dev, labels_dev)
     teacher_metrics = assets.teacher_metrics
-    student_metrics = task_metrics(spec.task, probs_dev, labels_dev)
+    student_metrics = task_metrics(task, probs_dev, labels_dev)
     student_accuracy = student_metrics["accuracy"]
-    if is_baseline:  # the baseline is its own reference: drop 0 against itself
-        baseline_accuracy = student_accuracy
-    if reference_accuracy is None:
-        reference_accuracy = (
-            student_accuracy
-            if is_baseline and spec.thresholds.accuracy_reference == "baseline"
-            else assets.teacher_dev_accuracy
-        )
-    reference = reference_accuracy
+    baseline = config.baseline_accuracy
+    if config.is_baseline_reference:  # the baseline's first seed: its own reference
+        baseline = student_accuracy
     return TrialOutcome(
         sigma=on_train.sigma,
-        accuracy_drop=reference - student_accuracy,
+        accuracy_drop=config.reference.drop(student_accuracy),
         accuracy_drop_teacher=assets.teacher_dev_accuracy - student_accuracy,
-        accuracy_drop_baseline=None
-        if baseline_accuracy is None
-        else baseline_accuracy - student_accuracy,
+        accuracy_drop_baseline=None if baseline is None else baseline - student_accuracy,
         **on_train.as_dict("train_"),
         **on_dev.as_dict("dev_"),
         teacher_dev_accuracy=teacher_metrics["accuracy"],
@@ -398,12 +340,52 @@ def score(
         student_train_ece=expected_calibration_error(probs_train, labels_train),
         teacher_dev_ece=expected_calibration_error(teacher_dev, labels_dev),
         student_dev_ece=expected_calibration_error(probs_dev, labels_dev),
-        epoch_losses=epoch_losses,
+        epoch_losses=training.epoch_losses,
         # Interpretive bound of the paper (sec. 1.4): sqrt(beta / |X_train|) with beta the
         # final stage-2 loss summed over the train set, i.e. sqrt(mean final loss).
-        sigma_bound=float(np.sqrt(epoch_losses[-1])) if epoch_losses else float("nan"),
-        wall_time_s=wall_time_s,
-        selected_epoch=selected_epoch,
-        stage1_epoch_losses=stage1_epoch_losses,
-        peak_memory_mb=peak_memory_mb,
+        sigma_bound=float(np.sqrt(training.epoch_losses[-1]))
+        if training.epoch_losses
+        else math.nan,
+        wall_time_s=training.wall_time_s,
+        selected_epoch=training.selected_epoch,
+        stage1_epoch_losses=training.stage1_epoch_losses,
+        peak_memory_mb=training.peak_memory_mb,
+        majority_dev_accuracy=assets.majority_dev_accuracy,
     )
+
+
+def standalone_config(
+    spec: Any, assets: StudyAssets, params: dict[str, Any], seed: int | None = None
+) -> TrialConfig:
+    """The config of a trial outside any study's claims (benchmarks, experiments, tests):
+    a search trial of ``params`` with ``seed`` (default: the study's), measured against
+    the teacher, trained in fp32."""
+    from kdsearch.service.trial_config import (
+        KnownAccuracies,
+        Placement,
+        Role,
+        config_id,
+        resolve,
+    )
+
+    placement = Placement(config_id(params), 0, spec.seed if seed is None else seed, Role.SEARCH)
+    teacher_spec = spec.model_copy(
+        update={"thresholds": spec.thresholds.model_copy(update={"accuracy_reference": "teacher"})}
+    )
+    known = KnownAccuracies(teacher=assets.teacher_dev_accuracy, baseline=None)
+    return resolve(teacher_spec, placement, params, known, "fp32")
+
+
+def standalone_trial(
+    spec: Any,
+    assets: StudyAssets,
+    params: dict[str, Any],
+    device: torch.device,
+    seed: int | None = None,
+    precision: Precision = "fp32",
+    on_probe: Callable[[ProbePoint], None] | None = None,
+) -> DistillationTrial:
+    """A trial of ``params`` outside any claim (``standalone_config``), as a worker would
+    run it: ``standalone_trial(spec, assets, params, device).run()``."""
+    config = dataclasses.replace(standalone_config(spec, assets, params, seed), precision=precision)
+    return DistillationTrial(config, Recipe.of(spec), assets, device, TrialHooks(on_probe=on_probe))

@@ -1,5 +1,5 @@
-"""The worker loop: claim a trial, run it under a heartbeat, record it, until the study's
-global budget is spent.
+"""The worker loop: claim a trial, run it in a session, settle it, until the study's global
+budget is spent.
 
 Guarantees (tested in tests/test_reliability.py):
 - a trial whose code raises is FAIL with its error kept, and re-queued (same
@@ -7,67 +7,70 @@ Guarantees (tested in tests/test_reliability.py):
 - a trial whose worker died (kill -9, lost machine) stops beating; after
   ``grace_period_s`` any worker fails it and re-queues it, even if the worker died
   before its first beat;
+- a worker whose trial another worker settled meanwhile (it was frozen or cut off past the
+  grace period) abandons that trial cleanly and goes on claiming;
 - SIGTERM / SIGINT fail the running trial, re-queue it (without using up a retry) and
   exit 0 within seconds: no trial is left RUNNING;
 - storage calls survive a database outage, reconnecting with backoff up to
   ``--storage-timeout``, after which the worker exits 3 with a clear message;
 - an unusable artifact store or cache (infrastructure, not the trial's fault) fails the
   running trial without using up a retry and stops the worker (exit 4).
+
+The worker keeps no per-trial state: each trial's lives in its ``TrialSession``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from kdsearch.service.artifacts import (
     S3Bucket,
+    explicit_artifacts,
     open_artifact_store,
+    record_study_location,
     resolve_cache_dir,
+    study_artifacts,
 )
-from kdsearch.service.errors import FailureStreak, InfrastructureError, StorageUnavailable
-from kdsearch.service.faults import fault_point
-from kdsearch.service.pruning import should_prune
+from kdsearch.service.claim import Claim, ClaimedTrial, StudyView, claim_trial
+from kdsearch.service.errors import FailureStreak
 from kdsearch.service.record import (
     FailureKind,
-    ProbePoint,
+    StudyAttr,
+    TeacherFigures,
     TrialAttr,
-    TrialRecord,
+    set_study_attr,
     set_trial_attrs,
 )
+from kdsearch.service.recovery import RequeueStale, halted_reason, requeue
 from kdsearch.service.report import update_study_note
 from kdsearch.service.spec import StudySpec
-from kdsearch.service.storage import open_storage, study_lock, with_reconnect
-from kdsearch.service.study import (
-    Claim,
-    RequeueStale,
-    baseline_accuracy,
-    build_sampler,
-    claim_trial,
-    halted_reason,
-    load_stored_spec,
-    record_artifact_location,
-    requeue,
-    study_artifacts,
-    worker_seed,
+from kdsearch.service.storage import (
+    KdsearchStorage,
+    LockBusy,
+    critical_section,
+    open_storage,
+    with_reconnect,
 )
-from kdsearch.workers.assets import StudyAssets, open_asset_cache, prepare_assets
+from kdsearch.service.study import load_stored_spec
+from kdsearch.service.trial_config import Precision
+from kdsearch.workers.assets import StudyAssets, prepare_assets
+from kdsearch.workers.cache import open_asset_cache
 from kdsearch.workers.device import configure as configure_device
-from kdsearch.workers.device import pick_device, training_dtype
+from kdsearch.workers.device import dtype_of, pick_device, resolve_precision
 from kdsearch.workers.figures import FigurePool, figure_processes
-from kdsearch.workers.liveness import GracefulStop, Heartbeat, StopRequested
-from kdsearch.workers.recording import Recorder
-from kdsearch.workers.tracking import Tracking, TrialTracking
-from kdsearch.workers.trial import build_trial
+from kdsearch.workers.liveness import GracefulStop, StopRequested
+from kdsearch.workers.options import WorkerOptions
+from kdsearch.workers.recording import teacher_artifacts
+from kdsearch.workers.session import TrialSession, WorkerContext
+from kdsearch.workers.stages import Recipe
+from kdsearch.workers.tracking import Tracking
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,28 +80,9 @@ MAX_CONSECUTIVE_FAILURES = 3
 # A stopping worker gives the database this long to record its trial as failed (docker
 # stop waits 60 s); past it, the trial goes stale and another worker re-queues it.
 STOP_STORAGE_S = 10.0
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    storage_url: str
-    study_name: str
-    artifacts: str | None = None
-    """--artifacts / $KDSEARCH_ARTIFACTS; None: the study's recorded location (or the default)."""
-    cache_dir: Path | None = None  # None: see service.artifacts.resolve_cache_dir
-    device: str = "auto"
-    threads: int | None = None
-    max_trials: int | None = None
-    storage_timeout_s: float = 600.0
-    sampler_seed: int | None = None
-    """None: derived from the study's seed, the host and the pid (workers never replay
-    each other's samples); a number makes one worker's search reproducible."""
-    precision: str | None = None
-    """auto, fp32 or bf16 for this worker; None: the study's ``training.precision``."""
-    mlflow: str | None = None
-    """An MLflow tracking URI for this worker; None: the study's ``tracking.mlflow``."""
-    tensorboard: str | None = None
-    """A TensorBoard log folder for this worker; None: the study's ``tracking.tensorboard``."""
+# The study note (optuna-dashboard) is rewritten by a worker at most this often: it reads
+# the whole study.
+NOTE_EVERY_S = 30.0
 
 
 class Worker:
@@ -107,13 +91,16 @@ class Worker:
     def __init__(self, options: WorkerOptions, stop: GracefulStop | None = None) -> None:
         self.options = options
         self.stop = stop or GracefulStop()
-        self._deadline: float | None = None  # caps every storage retry once set (stopping)
+        self._deadline: float | None = None  # caps every storage retry once stopping
         self.figures: FigurePool | None = None  # started by setup()
+        self._noted = -float("inf")
 
     def _db(self, call: Callable[[], T], what: str) -> T:
+        if self.stop.requested and self._deadline is None:
+            self._deadline = time.monotonic() + STOP_STORAGE_S
         return with_reconnect(call, what, self.options.storage_timeout_s, self._deadline)
 
-    def setup(self) -> None:
+    def setup(self) -> WorkerContext:
         options = self.options
         drawers = figure_processes()  # checked before anything is started
         # The spec holds the heartbeat settings the worker's storage needs: read it with a
@@ -122,56 +109,70 @@ class Worker:
         spec = load_stored_spec(plain, options.study_name)
         plain.engine.dispose()
         rel = spec.reliability
-        self.storage = open_storage(
+        storage = open_storage(
             options.storage_url,
             heartbeat_interval_s=rel.heartbeat_interval_s,
             grace_period_s=rel.grace_period_s,
             stale_trial_callback=RequeueStale(rel.max_retries),
         )
+        self.storage: KdsearchStorage = storage
         self.spec: StudySpec = spec
-        self.study = optuna.load_study(
-            study_name=spec.name,
-            storage=self.storage,
-            sampler=build_sampler(
-                spec,
-                worker_seed(spec) if options.sampler_seed is None else options.sampler_seed,
-            ),
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        self.view = StudyView(study)
+        device = pick_device(options.device)
+        configure_device(device, options.threads)
+        self.precision: Precision = resolve_precision(
+            options.precision or spec.training.precision, device
         )
-        self.device = pick_device(options.device)
-        configure_device(self.device, options.threads)
-        self.dtype = training_dtype(options.precision or spec.training.precision, self.device)
-        location = study_artifacts(self.storage, spec.name, options.artifacts, worker=True)
+        explicit = explicit_artifacts(options.artifacts)  # the option, else $KDSEARCH_ARTIFACTS
+        location = study_artifacts(storage, spec.name, explicit, worker=True)
         shared = S3Bucket(location) if location.is_s3 else None
-        artifact_store = open_artifact_store(location, shared)
+        store = open_artifact_store(location, shared)
         cache = open_asset_cache(
-            location, resolve_cache_dir(location, options.cache_dir), self.storage, shared
+            location, resolve_cache_dir(location, options.cache_path), storage, shared
         )
-        record_artifact_location(self.storage, spec.name, location)  # reachable: recorded
-        with self.stop.interruptible():  # fine-tuning a teacher, stage 1: can take long
-            self.assets: StudyAssets = prepare_assets(spec, cache, self.device, self.dtype)
-        # Its processes start while the first trial runs (0: figures drawn here).
-        self.figures = FigurePool(drawers)
-        self.recorder = Recorder(
-            self.study,
-            self.storage,
-            spec,
-            self.assets,
-            artifact_store,
-            str(location),
-            self._db,
-            self.figures,
-        )
-        self.recorder.upload_teacher_predictions()
-        self.tracking = self._db(
+        tracking = self._db(
             lambda: Tracking(
-                spec,
-                self.study,
-                self.storage,
-                options.mlflow or spec.tracking.mlflow,
+                spec, study, storage, options.mlflow or spec.tracking.mlflow,
                 options.tensorboard or spec.tracking.tensorboard,
             ),
             "opening the tracking destinations",
+        )  # fmt: skip
+        record_study_location(storage, spec.name, location)  # reachable: recorded
+        with self.stop.interruptible():  # fine-tuning a teacher, stage 1: can take long
+            assets = prepare_assets(spec, cache, device, dtype_of(self.precision))
+        self._record_teacher(study, assets)
+        # Its processes start while the first trial runs (0: figures drawn here).
+        self.figures = FigurePool(drawers)
+        return WorkerContext(
+            study=study,
+            storage=storage,
+            spec=spec,
+            recipe=Recipe.of(spec),
+            assets=assets,
+            device=device,
+            db=self._db,
+            stop=self.stop,
+            store=store,
+            location=str(location),
+            teacher_files=teacher_artifacts(study, storage, store, str(location), assets, self._db),
+            figures=self.figures,
+            tracking=tracking,
         )
+
+    def _record_teacher(self, study: optuna.Study, assets: StudyAssets) -> None:
+        """The teacher's figures, recorded once per study: the claim reads its dev
+        accuracy (the teacher reference) from there."""
+        figures = assets.figures.as_dict()
+
+        def record() -> None:
+            if study.user_attrs.get(StudyAttr.TEACHER) == figures:
+                return
+            with critical_section(self.storage, self.spec.name):
+                set_study_attr(study, StudyAttr.TEACHER, figures)
+
+        self._db(record, "recording the teacher's figures")
+        assert TeacherFigures.from_dict(figures) is not None
 
     def run(self) -> int:
         """Run trials until the budget is reached (or ``max_trials``). Returns 0; problems
@@ -179,11 +180,12 @@ class Worker:
         # The heartbeat thread calls Optuna's experimental heartbeat API; warning filters
         # set with catch_warnings are not thread-safe, so filter for the whole process.
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         with self.stop.installed():
             try:
                 self.stop.check()
-                self.setup()
-                return self._loop()
+                context = self.setup()
+                return self._loop(context)
             except StopRequested as stop:
                 logger.warning("received %s: stopped", stop)
                 return 0
@@ -191,17 +193,19 @@ class Worker:
                 if self.figures is not None:
                     self.figures.close()
 
-    def _loop(self) -> int:
+    def _loop(self, context: WorkerContext) -> int:
         ran = failures = 0
         poll_s = min(5.0, float(self.spec.reliability.heartbeat_interval_s))
-        while self.options.max_trials is None or ran < self.options.max_trials:
+        limit = self.options.max_trials
+        while limit is None or ran < limit:
             self.stop.check()
             claimed = self._claim()
             if claimed is Claim.DONE:
                 logger.info(
                     "study %s: budget of %d trials reached", self.spec.name, self.spec.n_trials
                 )
-                break
+                self._note(force=True)
+                return 0
             if claimed is Claim.HALTED:
                 reason = self._db(
                     lambda: halted_reason(self.storage, self.spec.name), "reading the study"
@@ -212,191 +216,67 @@ class Worker:
                 with self.stop.interruptible():
                     time.sleep(poll_s)
                 continue
-            ok = self._run_trial(claimed)
+            session = TrialSession(claimed, context)
+            end = session.run()
+            session.settle(end)
             ran += 1
-            failures = 0 if ok else failures + 1
+            failures = 0 if end.ok else failures + 1
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise FailureStreak(
                     f"{failures} trials failed in a row on this worker (errors in their "
                     "`error` user attr, `kdsearch status`); fix the cause and start it again"
                 )
+            if end.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                self._note()
+        logger.info("worker: stopping after %d trials (--max-trials %d)", ran, limit)
         return 0
 
-    def _claim(self) -> optuna.Trial | Claim:
-        """``claim_trial``, safe to retry: a trial an earlier attempt created before its
-        connection dropped is failed (and its queued parameters re-queued) first."""
-        created: list[optuna.Trial] = []
+    def _claim(self) -> ClaimedTrial | Claim:
+        """``claim_trial``, safe to retry: a trial an earlier attempt committed before its
+        connection dropped (while sampling) is failed, and its queued values re-queued,
+        first."""
+        created: list[int] = []
 
-        def attempt() -> optuna.Trial | Claim:
+        def attempt() -> ClaimedTrial | Claim:
             while created:  # popped only once failed: a retry during an outage keeps it
                 self._abandon(created[-1])
                 created.pop()
-            return claim_trial(self.study, self.spec, self.storage, on_ask=created.append)
+            claimed = claim_trial(
+                self.view, self.spec, self.storage, self.precision, created.append
+            )
+            created.clear()
+            return claimed
 
-        return self._db(attempt, "claiming a trial")
+        while True:
+            try:
+                return self._db(attempt, "claiming a trial")
+            except LockBusy as busy:
+                logger.warning("%s", busy)
 
-    def _abandon(self, trial: optuna.Trial) -> None:
-        frozen = self.storage.get_trial(trial._trial_id)
+    def _abandon(self, trial_id: int) -> None:
+        frozen = self.storage.get_trial(trial_id)
         if frozen.state == TrialState.RUNNING:
             logger.warning(
                 "trial %d: its claim failed halfway; failed and re-queued", frozen.number
             )
-            set_trial_attrs(self.storage, trial._trial_id, {TrialAttr.FAILURE: FailureKind.CLAIM})
-            self.study.tell(trial, state=TrialState.FAIL)
-            requeue(self.study, frozen, self.spec.reliability.max_retries, "claim failed", False)
+            set_trial_attrs(self.storage, trial_id, {TrialAttr.FAILURE: FailureKind.CLAIM.value})
+            self.view.study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            requeue(
+                self.view.study, frozen, self.spec.reliability.max_retries, "claim failed", False
+            )
 
-    def _run_trial(self, trial: optuna.Trial) -> bool:
-        """Run one trial and map its outcome to a state. True unless it FAILed."""
-        self._tracking: TrialTracking | None = None
-        ended = "FAIL"  # the tracking runs' end state unless the trial gets further
-        try:
-            ok = self._run_and_record(trial)
-            ended = "" if ok else "FAIL"
-            return ok
-        except optuna.TrialPruned:
-            ended = "PRUNED"
-            self._finish(trial, state=TrialState.PRUNED)
-            return True
-        finally:
-            if self._tracking is not None and ended:
-                self._tracking.finish(ended)
-
-    def _run_and_record(self, trial: optuna.Trial) -> bool:
-        spec = self.spec
-        history: list[ProbePoint] = []
-        interval = spec.reliability.heartbeat_interval_s
-        with Heartbeat(self.study, trial._trial_id, interval, self.storage):
-            try:
-                frozen = self._db(lambda: self.storage.get_trial(trial._trial_id), "reading it")
-                record = TrialRecord.of(frozen)
-                # The baseline (every trial's point of comparison) and the further seeds of
-                # a configuration (their configuration earned them) are never pruned.
-                protected = record.baseline or record.replicate > 0
-                job = build_trial(
-                    spec,
-                    self.assets,
-                    trial.params,
-                    self.device,
-                    on_probe=lambda p: self._on_probe(trial, history, p, protected),
-                    baseline_accuracy=self._baseline_accuracy(),
-                    is_baseline=record.baseline and record.replicate == 0,
-                    seed=record.seed,
-                    dtype=self.dtype,
-                )
-                precision = "bf16" if self.dtype is not None else "fp32"
-                self.recorder.started(trial, job.hparams, str(self.device), precision)
-                if self.tracking.enabled:
-                    self._tracking = self.tracking.start(
-                        trial.number, job.hparams, record.tags(), job.steps_per_epoch
-                    )
-                    self.recorder.tracked(trial, self._tracking.ids())
-                logger.info("trial %d: %s", trial.number, job.hparams.model_dump())
-                with self.stop.interruptible():
-                    result = job.run()
-                if math.isnan(result.sigma):
-                    # Deterministic for this configuration and seed: a retry would repeat
-                    # it, and a failure would count towards halting the study.
-                    self.recorder.degenerate(trial, result)
-                    raise optuna.TrialPruned(
-                        "no train input is predicted right by both models: sigma is undefined"
-                    )
-                fault_point("before-record")
-                self.recorder.finished(trial, result, history, self._tracking)
-            except optuna.TrialPruned as pruned:
-                logger.info("trial %d pruned: %s", trial.number, pruned)
-                raise  # recorded by _run_trial, outside the heartbeat
-            except StopRequested:
-                self._deadline = time.monotonic() + STOP_STORAGE_S
-                try:
-                    self._fail(trial, "worker stopped during the trial", FailureKind.STOPPED)
-                except StorageUnavailable:
-                    logger.warning("could not record the stop; the trial will go stale instead")
-                raise
-            except StorageUnavailable:
-                raise  # the database is gone: nothing to record; the trial goes stale
-            except InfrastructureError as exc:
-                self._fail(trial, f"infrastructure: {exc}", FailureKind.INFRASTRUCTURE)
-                raise
-            except Exception as exc:
-                logger.error("trial %d failed: %s", trial.number, exc, exc_info=True)
-                self._fail(trial, f"{type(exc).__name__}: {exc}", FailureKind.TRIAL)
-                return False
-        # Objectives: sigma on X_train and the dev accuracy drop, both minimised.
-        self._finish(trial, values=[result.sigma, result.accuracy_drop])
-        logger.info(
-            "trial %d: sigma %.6f, accuracy_drop %.4f (%.1f s)",
-            trial.number, result.sigma, result.accuracy_drop, result.outcome.wall_time_s,
-        )  # fmt: skip
-        return True
-
-    def _baseline_accuracy(self) -> float | None:
-        trials = self._db(
-            lambda: self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-            "reading the baseline",
-        )
-        return baseline_accuracy(trials)
-
-    def _on_probe(
-        self, trial: optuna.Trial, history: list[ProbePoint], point: ProbePoint, protected: bool
-    ) -> None:
-        """Record the probe (visible in optuna-dashboard as a user attr), then ask the
-        pruning rules, unless the trial is ``protected``. Raises ``optuna.TrialPruned`` to
-        stop the trial."""
-        history.append(point)
-        self.recorder.probed(trial, history)
-        if self._tracking is not None:
-            self._tracking.probe(point)
-        if protected:
+    def _note(self, force: bool = False) -> None:
+        """Rewrite the study note (rate-limited): readers see the answer in the dashboard."""
+        if not force and time.monotonic() - self._noted < NOTE_EVERY_S:
             return
-        finished: list[list[ProbePoint]] = []
-        if "pareto" in self.spec.pruning.rule:
-            done = self._db(
-                lambda: self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                "reading finished trials",
-            )
-            finished = [TrialRecord.of(t).probes for t in done]
-        rule = should_prune(history, finished, self.spec.thresholds, self.spec.pruning)
-        if rule:
-            self.recorder.pruned(trial, rule)
-            raise optuna.TrialPruned(
-                f"rule {rule!r} at epoch {point.epoch:.4g}/{point.epochs}: probe sigma "
-                f"{point.sigma:.4f}, accuracy_drop {point.accuracy_drop:.4f}"
-            )
 
-    def _finish(self, trial: optuna.Trial, **outcome: Any) -> None:
-        def tell() -> None:
-            try:
-                self.study.tell(trial, **outcome)
-            except ValueError as exc:
-                # Already finished: an earlier attempt of this call went through before the
-                # connection dropped, or another worker failed the trial as stale during a
-                # long outage (then it was re-queued and will run again).
-                logger.warning("trial %d was already finished: %s", trial.number, exc)
+        def write() -> None:
+            with critical_section(self.storage, f"{self.spec.name}:note", wait=False) as held:
+                if held:  # another worker is writing it: theirs is as fresh
+                    update_study_note(self.view.study, self.spec)
 
-        self._db(tell, f"finishing trial {trial.number}")
-        if outcome.get("state") != TrialState.FAIL:
-            self._db(self._update_note, "updating the study note")
-
-    def _update_note(self) -> None:
-        with study_lock(self.storage, self.spec.name):
-            update_study_note(self.study, self.spec)
-
-    def _fail(self, trial: optuna.Trial, error: str, kind: str) -> None:
-        """FAIL the trial with its error and re-queue it; only a failure of the trial's own
-        doing (``FailureKind.TRIAL``) uses up a retry."""
-        count = kind == FailureKind.TRIAL
-        self.recorder.failed(trial, error, kind)
-        self._finish(trial, state=TrialState.FAIL)
-        frozen: FrozenTrial = self._db(
-            lambda: self.storage.get_trial(trial._trial_id), "reading the failed trial"
-        )
-        if frozen.state == TrialState.FAIL:
-            self._db(
-                lambda: requeue(
-                    self.study, frozen, self.spec.reliability.max_retries, error, count
-                ),
-                "re-queueing the trial",
-            )
+        self._db(write, "updating the study note")
+        self._noted = time.monotonic()
 
 
 def run_worker(options: WorkerOptions, stop: GracefulStop | None = None) -> int:

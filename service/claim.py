@@ -1,0 +1,246 @@
+"""Claiming a trial: under the study's critical section, decide what runs next and take it.
+
+A claim is one transaction (``storage.critical_section``) that fails stale trials (and
+re-queues them), halts a study whose trials keep failing, asks the schedule
+(``service/confirmation.plan``: racing seeds, new samples, held-out seeds) what to queue
+and whether a new configuration may be sampled, and then takes the oldest queued trial or
+creates a new one, with its first heartbeat. The budget is global and exact: finished +
+running + queued trials never exceed ``n_trials``, whatever the number of workers, and two
+workers never both take a slot (a frozen holder's claim is rolled back by the server).
+
+The sampling itself (Optuna's sampler draws the new trial's hyperparameters) happens after
+the critical section, in parallel on every worker, and the claim ends by resolving the
+trial's ``TrialConfig`` once and recording it: the worker is handed what it runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from kdsearch.service import sampler
+from kdsearch.service.confirmation import Plan, Usage, plan
+from kdsearch.service.faults import fault_point
+from kdsearch.service.racing import Judged, aggregate
+from kdsearch.service.record import (
+    StudyAttr,
+    TeacherFigures,
+    TrialAttr,
+    TrialRecord,
+    placement_attrs,
+    set_trial_attrs,
+)
+from kdsearch.service.recovery import fail_stale_trials, halt, halt_if_failing
+from kdsearch.service.spec import StudySpec
+from kdsearch.service.storage import KdsearchStorage, critical_section, track_cache
+from kdsearch.service.trial_config import (
+    KnownAccuracies,
+    Placement,
+    Precision,
+    Role,
+    TrialConfig,
+    config_id,
+    confirmation_seed,
+    replicate_seed,
+    resolve,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Claim(enum.Enum):
+    DONE = "the budget is spent"
+    WAIT = "no slot free, but trials are still running"
+    HALTED = "trials kept failing: the study is halted"
+
+
+@dataclass(frozen=True)
+class ClaimedTrial:
+    """A trial this worker now runs, with what the study decided for it."""
+
+    trial: optuna.Trial
+    placement: Placement
+    config: TrialConfig | None  # None: its values could not be resolved (``problem`` says why)
+    problem: str | None = None
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+class StudyView:
+    """This process's view of one study's trials: finished trials (which never change)
+    are parsed once; each refresh reads only the unfinished and new ones (Optuna's cached
+    storage)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = track_cache(study)
+        self._finished: dict[int, TrialRecord] = {}
+
+    def records(self) -> list[TrialRecord]:
+        out = []
+        for trial in self.study.get_trials(deepcopy=False):
+            if not trial.state.is_finished():
+                out.append(TrialRecord.of(trial))
+                continue
+            record = self._finished.get(trial._trial_id)
+            if record is None:
+                record = self._finished[trial._trial_id] = TrialRecord.of(trial)
+            out.append(record)
+        return out
+
+
+def usage_of(records: list[TrialRecord]) -> Usage:
+    """The budget used: trials done, running or queued (a failed trial frees its slot)."""
+    counted = [r for r in records if r.state != TrialState.FAIL]
+    busy = (TrialState.RUNNING, TrialState.WAITING)
+    return Usage(
+        search=sum(not r.confirmation for r in counted),
+        confirmation=sum(r.confirmation for r in counted),
+        search_busy=sum(not r.confirmation and r.state in busy for r in counted),
+    )
+
+
+def claim_trial(
+    view: StudyView,
+    spec: StudySpec,
+    storage: KdsearchStorage,
+    precision: Precision,
+    on_ask: Callable[[int], None] | None = None,
+) -> ClaimedTrial | Claim:
+    """Take the next trial, or say why not. ``on_ask`` receives the trial's id as soon as
+    it is committed, so a caller whose claim fails after the critical section (a lost
+    connection while sampling) can fail it instead of leaving it behind."""
+    study = view.study
+    with critical_section(storage, spec.name):
+        taken = _take(view, spec, storage)
+    if not isinstance(taken, tuple):
+        return taken
+    trial_id, judged = taken
+    if on_ask is not None:
+        on_ask(trial_id)
+    fault_point("after-claim")
+    return _prepare(study, spec, storage, trial_id, judged, precision)
+
+
+def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[int, Judged] | Claim:
+    """The critical section: stale trials, halting, the schedule, then a trial taken."""
+    study = view.study
+    fail_stale_trials(study)
+    records = view.records()
+    attrs = study.user_attrs
+    if halt_if_failing(study, spec, records):
+        return Claim.HALTED
+    teacher = TeacherFigures.from_dict(attrs.get(StudyAttr.TEACHER))
+    judged = aggregate(records, spec, teacher.dev_accuracy if teacher else None)
+    if (gate := _baseline_gate(study, spec, records, judged)) is not None:
+        return gate
+    step: Plan = plan(judged, spec, usage_of(records))
+    for queued in step.queue:
+        c = queued.config
+        seed = (
+            confirmation_seed(spec.seed, queued.replicate)
+            if queued.role == Role.CONFIRMATION
+            else replicate_seed(spec.seed, queued.replicate)
+        )
+        study.enqueue_trial(
+            c.params,
+            user_attrs=placement_attrs(c.config, queued.replicate, seed, queued.role),
+            skip_if_exists=False,
+        )
+        logger.info(
+            "configuration %s gets %s seed %d (#%d): %s",
+            c.config, queued.role.value, seed, queued.replicate, c.verdict,
+        )  # fmt: skip
+    trial_id = _pop_waiting(study)
+    if trial_id is None:
+        if step.new_samples <= 0:
+            running = any(r.state == TrialState.RUNNING for r in records)
+            return Claim.WAIT if running else Claim.DONE
+        trial_id = study._storage.create_new_trial(study._study_id)
+        set_trial_attrs(storage, trial_id, {TrialAttr.ROLE: Role.SEARCH.value})
+    storage.record_heartbeat(trial_id)
+    fault_point("in-claim")  # inside the transaction: a death here leaves nothing behind
+    return trial_id, judged
+
+
+def _pop_waiting(study: optuna.Study) -> int | None:
+    """The oldest queued trial, now RUNNING, or None (the critical section keeps other
+    workers out; the state change is conditional all the same)."""
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return trial._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _baseline_gate(
+    study: optuna.Study, spec: StudySpec, records: list[TrialRecord], judged: Judged
+) -> Claim | None:
+    """With ``accuracy_reference: baseline`` every trial's drop is measured against the
+    baseline's students, so nothing but the baseline runs until one of its seeds has
+    finished: None lets the claim go on, a ``Claim`` says why not."""
+    if spec.thresholds.accuracy_reference != "baseline" or judged.reference.accuracy is not None:
+        return None
+    waiting = sorted((r for r in records if r.state == TrialState.WAITING), key=lambda r: r.number)
+    if waiting and waiting[0].baseline:
+        return None  # the next claim takes the baseline
+    baselines = [r for r in records if r.baseline]
+    if any(r.state in (TrialState.RUNNING, TrialState.WAITING) for r in baselines):
+        return Claim.WAIT
+    halt(
+        study,
+        spec,
+        "the baseline (trial 0, the paper's defaults) failed and is not retried any more, "
+        "but thresholds.accuracy_reference is 'baseline': every drop is measured against "
+        f"it. Fix its error, enqueue it again (or use accuracy_reference: teacher), then run "
+        f"`kdsearch study unhalt {spec.name}`",
+    )
+    return Claim.HALTED
+
+
+def _prepare(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage: KdsearchStorage,
+    trial_id: int,
+    judged: Judged,
+    precision: Precision,
+) -> ClaimedTrial:
+    """After the critical section: draw the trial's hyperparameters (a new one's from its
+    own seeded sampler), resolve its config once and record it."""
+    number = storage.get_trial(trial_id).number
+    sampler.reseed(study, spec, number)
+    trial = optuna.Trial(study, trial_id)
+    params = sampler.suggest(trial, spec)
+    record = TrialRecord.of(storage.get_trial(trial_id))
+    attrs: dict[str, Any] = {}
+    if record.config is None:  # newly sampled: its configuration's first replicate
+        placement = Placement(config_id(params), 0, replicate_seed(spec.seed, 0), Role.SEARCH)
+        attrs.update(placement_attrs(placement.config, 0, placement.seed, Role.SEARCH))
+    else:
+        seed = record.seed if record.seed is not None else spec.seed
+        placement = Placement(record.config, record.replicate, seed, record.role)
+    baseline = next((c for c in judged if c.baseline and c.n), None)
+    known = KnownAccuracies(
+        teacher=judged.reference.accuracy if judged.reference.kind == "teacher" else None,
+        baseline=baseline.accuracy_mean if baseline is not None else None,
+    )
+    try:
+        config = resolve(spec, placement, params, known, precision)
+    except Exception as exc:  # values the schema refuses (an enqueued trial): its failure
+        if attrs:
+            set_trial_attrs(storage, trial_id, attrs)
+        return ClaimedTrial(trial, placement, None, f"{type(exc).__name__}: {exc}")
+    attrs[TrialAttr.TRIAL_CONFIG] = config.to_attr()
+    set_trial_attrs(storage, trial_id, attrs)
+    return ClaimedTrial(trial, placement, config)
