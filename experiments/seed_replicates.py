@@ -21,6 +21,7 @@ reading).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -89,7 +90,11 @@ def run(task: str, params: dict[str, Any], seed: int, workdir: Path):
     """One trial's outcome (drops are computed here, against the baseline's accuracy)."""
     s = spec(task, f"run-{task}", 1, 1)
     assets = prepare_assets(s, AssetCache(workdir / "cache"), torch.device("cpu"))
-    return standalone_trial(s, assets, params, torch.device("cpu"), seed).run().outcome
+    trial = standalone_trial(s, assets, params, torch.device("cpu"), seed, PRECISION[0])
+    return trial.run().outcome
+
+
+PRECISION = ["fp32"]  # --precision
 
 
 def noise(task: str, seeds: int, workdir: Path) -> list[str]:
@@ -171,7 +176,16 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=12)
     parser.add_argument("--workdir", type=Path, default=ROOT / "experiments" / "out" / "seeds")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--train-limit", type=int, help="train rows (default: the task's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--configs", help="JSON list of configurations for --part noise")
     args = parser.parse_args()
+    PRECISION[0] = args.precision
+    if args.train_limit:
+        folder, _, max_len = TASKS[args.task]
+        TASKS[args.task] = (folder, args.train_limit, max_len)
+    if args.configs:
+        NOISE_CONFIGS[:] = json.loads(args.configs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("kdsearch").setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from kdsearch.service.artifacts import (
+    check_location,
     explicit_artifacts,
     readable_store,
     resolve_artifacts,
@@ -67,6 +68,8 @@ def create_study(
     url = resolve_storage_url(storage)
     explicit = explicit_artifacts(artifacts)
     location = str(resolve_artifacts(explicit)) if explicit else None
+    if location is not None:
+        check_location(resolve_artifacts(location))  # before the database is touched
     created = create_or_attach(open_storage(url), parsed, artifacts=location)
     return Study(parsed.name, url, created=created)
 

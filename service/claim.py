@@ -15,6 +15,7 @@ trial's ``TrialConfig`` once and recording it: the worker is handed what it runs
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from optuna.trial import TrialState
 from kdsearch.service import sampler
 from kdsearch.service.confirmation import Plan, Usage, plan
 from kdsearch.service.faults import fault_point
-from kdsearch.service.racing import Judged, aggregate
+from kdsearch.service.racing import ConfigurationIndex, Judged
 from kdsearch.service.record import (
     StudyAttr,
     TeacherFigures,
@@ -75,25 +76,109 @@ class ClaimedTrial:
 
 
 class StudyView:
-    """This process's view of one study's trials: finished trials (which never change)
-    are parsed once; each refresh reads only the unfinished and new ones (Optuna's cached
-    storage)."""
+    """This process's view of one study, kept current at the cost of what changed: each
+    refresh reads the trials created since the last one and the unfinished ones whose state
+    changed (a state query, then five bulk queries), and updates their records, their
+    configurations (``ConfigurationIndex``), the budget counts and the completion order.
+    A study of 10,000 trials is read whole once, by a worker's first claim."""
 
     def __init__(self, study: optuna.Study) -> None:
         self.study = track_cache(study)
-        self._finished: dict[int, TrialRecord] = {}
+        self.forget()
 
-    def records(self) -> list[TrialRecord]:
-        out = []
-        for trial in self.study.get_trials(deepcopy=False):
-            if not trial.state.is_finished():
-                out.append(TrialRecord.of(trial))
-                continue
-            record = self._finished.get(trial._trial_id)
-            if record is None:
-                record = self._finished[trial._trial_id] = TrialRecord.of(trial)
-            out.append(record)
-        return out
+    @property
+    def _backend(self) -> KdsearchStorage:
+        return self.study._storage._backend  # type: ignore[attr-defined,no-any-return]
+
+    def forget(self) -> None:
+        """Drop everything read (a rolled-back critical section may have left records of
+        writes that never committed); the next refresh reads the study again."""
+        self._records: dict[int, TrialRecord] = {}  # by trial id: ids grow with numbers
+        self._unfinished: set[int] = set()
+        self._max_id = -1
+        self._usage = [0, 0, 0, 0]  # Usage's fields, kept up to date
+        self._done_keys: list[tuple[Any, int]] = []  # (completed_at, number), sorted
+        self._done: list[TrialRecord] = []  # finished trials in completion order
+        self.index: ConfigurationIndex | None = None
+
+    def refresh(self, spec: StudySpec) -> None:
+        if self.index is None:
+            self.index = ConfigurationIndex(spec)
+        # The unfinished trials are read again only when their state changed (a queued
+        # one taken, a running one finished) or their values were still to be sampled
+        # (at most one per worker): their attrs while running (progress, probes) are
+        # nothing a claim decides on.
+        states = self._backend.read_states(self._unfinished)
+        moved = [
+            i
+            for i, state in states.items()
+            if state != self._records[i].state or _unsampled(self._records[i])
+        ]
+        for trial_id in self._unfinished - states.keys():  # deleted (never in practice)
+            self._set(trial_id, None)
+        for trial in self._backend.read_changed(self.study._study_id, self._max_id, moved):
+            self._set(trial._trial_id, TrialRecord.of(trial))
+            self.index.update(self._records[trial._trial_id])
+
+    def _set(self, trial_id: int, record: TrialRecord | None) -> None:
+        old = self._records.pop(trial_id, None) if record is None else self._records.get(trial_id)
+        if old is not None:
+            self._count(old, -1)
+        if record is None:
+            self._unfinished.discard(trial_id)
+            return
+        self._records[trial_id] = record
+        self._max_id = max(self._max_id, trial_id)
+        self._count(record, +1)
+        if record.state.is_finished():
+            self._unfinished.discard(trial_id)
+            if record.completed_at is not None:  # finished once: it never changes again
+                key = (record.completed_at, record.number)
+                at = bisect.bisect(self._done_keys, key)
+                self._done_keys.insert(at, key)
+                self._done.insert(at, record)
+        else:
+            self._unfinished.add(trial_id)
+
+    def _count(self, record: TrialRecord, sign: int) -> None:
+        if record.state == TrialState.FAIL:
+            return  # a failed trial frees its slot
+        if record.confirmation:
+            self._usage[1] += sign
+        else:
+            self._usage[0] += sign
+            self._usage[2] += sign * (record.state in (TrialState.RUNNING, TrialState.WAITING))
+            self._usage[3] += sign * _unsampled(record)
+
+    def records(self, spec: StudySpec | None = None) -> list[TrialRecord]:
+        """Every trial's record, by number (refreshed first when ``spec`` is given)."""
+        if spec is not None:
+            self.refresh(spec)
+        return list(self._records.values())
+
+    def finished_in_order(self) -> list[TrialRecord]:
+        """The finished trials in completion order (ties by number)."""
+        return self._done
+
+    def usage(self) -> Usage:
+        return Usage(*self._usage)
+
+    def waiting(self) -> list[TrialRecord]:
+        """The queued trials, oldest first (from the last refresh)."""
+        queued = (self._records[i] for i in self._unfinished)
+        return sorted((r for r in queued if r.state == TrialState.WAITING), key=lambda r: r.number)
+
+    def judged(self, teacher_accuracy: float | None) -> Judged:
+        assert self.index is not None, "refresh() first"
+        last = self._done[-1] if self._done else None
+        n_dev = next(
+            (r.outcome.dev_n_total for r in reversed(self._done) if r.outcome is not None), 1
+        )
+        if teacher_accuracy is None and last is not None:
+            teacher_accuracy = next(
+                (r.outcome.teacher_dev_accuracy for r in self._done if r.outcome is not None), None
+            )
+        return self.index.judge(teacher_accuracy, n_dev)
 
 
 def usage_of(records: list[TrialRecord]) -> Usage:
@@ -104,7 +189,14 @@ def usage_of(records: list[TrialRecord]) -> Usage:
         search=sum(not r.confirmation for r in counted),
         confirmation=sum(r.confirmation for r in counted),
         search_busy=sum(not r.confirmation and r.state in busy for r in counted),
+        unsampled=sum(_unsampled(r) for r in counted),
     )
+
+
+def _unsampled(record: TrialRecord) -> bool:
+    """A new sample taken, its values not yet sampled (the worker samples them after the
+    critical section)."""
+    return record.state == TrialState.RUNNING and record.config is None and not record.baseline
 
 
 def claim_trial(
@@ -118,8 +210,12 @@ def claim_trial(
     it is committed, so a caller whose claim fails after the critical section (a lost
     connection while sampling) can fail it instead of leaving it behind."""
     study = view.study
-    with critical_section(storage, spec.name):
-        taken = _take(view, spec, storage)
+    try:
+        with critical_section(storage, spec.name):
+            taken = _take(view, spec, storage)
+    except BaseException:
+        view.forget()  # it may hold records of writes that were rolled back
+        raise
     if not isinstance(taken, tuple):
         return taken
     trial_id, judged = taken
@@ -133,15 +229,15 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
     """The critical section: stale trials, halting, the schedule, then a trial taken."""
     study = view.study
     fail_stale_trials(study)
-    records = view.records()
+    records = view.records(spec)
     attrs = study.user_attrs
-    if halt_if_failing(study, spec, records):
+    if halt_if_failing(study, spec, view.finished_in_order()):
         return Claim.HALTED
     teacher = TeacherFigures.from_dict(attrs.get(StudyAttr.TEACHER))
-    judged = aggregate(records, spec, teacher.dev_accuracy if teacher else None)
+    judged = view.judged(teacher.dev_accuracy if teacher else None)
     if (gate := _baseline_gate(study, spec, records, judged)) is not None:
         return gate
-    step: Plan = plan(judged, spec, usage_of(records))
+    step: Plan = plan(judged, spec, view.usage())
     for queued in step.queue:
         c = queued.config
         seed = (
@@ -158,7 +254,9 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
             "configuration %s gets %s seed %d (#%d): %s",
             c.config, queued.role.value, seed, queued.replicate, c.verdict,
         )  # fmt: skip
-    trial_id = _pop_waiting(study)
+    if step.queue:
+        view.refresh(spec)  # the trials just queued
+    trial_id = _pop_waiting(study, view)
     if trial_id is None:
         if step.new_samples <= 0:
             running = any(r.state == TrialState.RUNNING for r in records)
@@ -170,14 +268,14 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
     return trial_id, judged
 
 
-def _pop_waiting(study: optuna.Study) -> int | None:
+def _pop_waiting(study: optuna.Study, view: StudyView) -> int | None:
     """The oldest queued trial, now RUNNING, or None (the critical section keeps other
     workers out; the state change is conditional all the same)."""
     storage = study._storage
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    for trial in view.waiting():
         try:
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-                return trial._trial_id
+            if storage.set_trial_state_values(trial.trial_id, state=TrialState.RUNNING):
+                return trial.trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
@@ -220,6 +318,9 @@ def _prepare(
     own seeded sampler), resolve its config once and record it."""
     number = storage.get_trial(trial_id).number
     sampler.reseed(study, spec, number)
+    # Optuna's trial cache learns of the new trial here (the claim read the study its own
+    # way): the sampler reads every trial anyway, outside the lock.
+    study.get_trials(deepcopy=False)
     trial = optuna.Trial(study, trial_id)
     params = sampler.suggest(trial, spec)
     record = TrialRecord.of(storage.get_trial(trial_id))

@@ -162,6 +162,9 @@ class Usage:
     search: int  # baseline and search trials
     confirmation: int
     search_busy: int  # of those, running or queued
+    # Of those, new samples taken but not yet sampled (the worker samples after the
+    # critical section): their configurations are unknown, their seeds still to come.
+    unsampled: int = 0
 
 
 def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
@@ -170,11 +173,7 @@ def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
     reps = spec.replicates
     k, m = reps.confirm_seeds, reps.confirm_candidates
     if k == 0:  # no confirmation: the search has the whole budget
-        free = spec.n_trials - usage.search
-        queue = [
-            Queued(c, r, _role(c)) for c, r in seeds_to_queue(judged.configurations, spec, free)
-        ]
-        return Plan("search", queue, max(0, free - len(queue)))
+        return _search(judged, spec, spec.n_trials - usage.search, usage)
     tried = [c for c in judged if c.confirmations > 0]
     results = [confirmation_of(c, judged, spec) for c in tried]
     if any(r.confirmed for r in results):
@@ -191,11 +190,7 @@ def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
     left = m - len(tried) - given_back
     allowance = base + given_back * k
     if usage.search < allowance:
-        free = allowance - usage.search
-        queue = [
-            Queued(c, r, _role(c)) for c, r in seeds_to_queue(judged.configurations, spec, free)
-        ]
-        return Plan("search", queue, max(0, free - len(queue)))
+        return _search(judged, spec, allowance - usage.search, usage)
     if usage.search_busy:
         return Plan("search", [], 0)  # the search's last trials: the candidate waits for them
     if left <= 0:
@@ -208,6 +203,17 @@ def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
     free = min(k, spec.n_trials - usage.search - usage.confirmation)
     if free <= 0:
         return Plan("done", [], 0)
+    return _search(judged, spec, free, usage)
+
+
+def _search(judged: Judged, spec: StudySpec, free: int, usage: Usage) -> Plan:
+    """The search's step with ``free`` slots: racing seeds first, then new samples. Each
+    new sample not yet sampled keeps the seeds its strategy will ask for once its
+    configuration is known (else a second worker would spend them on yet another sample,
+    leaving a configuration short of its seeds)."""
+    reps = spec.replicates
+    per_sample = reps.max_seeds if reps.strategy == "all" else reps.initial_seeds
+    free -= usage.unsampled * (per_sample - 1)
     queue = [Queued(c, r, _role(c)) for c, r in seeds_to_queue(judged.configurations, spec, free)]
     return Plan("search", queue, max(0, free - len(queue)))
 

@@ -176,19 +176,27 @@ def is_local_path(ref: str) -> bool:
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """Make relative local paths absolute against the YAML's folder (copying, not mutating)."""
 
-    def resolve(ref: Any) -> Any:
+    def resolve(ref: Any, always: bool) -> Any:
+        """``always``: a key that only ever names a local file or folder (a relative name
+        is the YAML's neighbour even before it exists: ``kdsearch augment`` writes
+        ``train_augmented`` there); otherwise a relative name that does not exist may be
+        a hub id."""
         if not isinstance(ref, str) or ref.startswith(PACKAGE_PREFIX):
             return ref
-        if ref.startswith(("./", "../")) or (not ref.startswith("/") and (base_dir / ref).exists()):
+        if ref.startswith("~"):
+            return str(Path(ref).expanduser())
+        if ref.startswith(("./", "../")) or (
+            not ref.startswith("/") and (always or (base_dir / ref).exists())
+        ):
             return str((base_dir / ref).resolve())
-        return str(Path(ref).expanduser()) if ref.startswith("~") else ref
+        return ref
 
     out = dict(raw)
-    keys = [("data", k) for k in ("path", "train", "dev", "train_augmented", "dataset")]
-    for section, key in [*keys, ("teacher", "model"), ("student", "model")]:
+    local = [("data", k) for k in ("path", "train", "dev", "train_augmented")]
+    for section, key in [*local, ("data", "dataset"), ("teacher", "model"), ("student", "model")]:
         sub = out.get(section)
         if isinstance(sub, dict) and key in sub:
-            out[section] = {**sub, key: resolve(sub[key])}
+            out[section] = {**sub, key: resolve(sub[key], (section, key) in local)}
     return out
 
 

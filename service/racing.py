@@ -41,6 +41,7 @@ The statistics, and why (measured by ``experiments/answer_reliability.py``,
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -91,6 +92,28 @@ class Seeds:
     def n(self) -> int:
         return len(self.trials)
 
+    # Computed once per object (seeds never change in place): judging thousands of
+    # configurations per claim reads these many times.
+    @functools.cached_property
+    def sigma_mean(self) -> float:
+        return _mean(self.sigmas)
+
+    @functools.cached_property
+    def accuracy_mean(self) -> float:
+        return _mean(self.accuracies)
+
+    @functools.cached_property
+    def sigma_var(self) -> float | None:
+        return _var(self.sigmas)
+
+    @functools.cached_property
+    def accuracy_var(self) -> float | None:
+        return _var(self.accuracies)
+
+    @functools.cached_property
+    def finite(self) -> bool:
+        return all(math.isfinite(s) for s in self.sigmas)
+
     def add(self, record: TrialRecord, seed: int) -> Seeds:
         assert record.outcome is not None
         return Seeds(
@@ -138,11 +161,11 @@ class Configuration:
 
     @property
     def sigma_mean(self) -> float:
-        return _mean(self.search.sigmas)
+        return self.search.sigma_mean
 
     @property
     def accuracy_mean(self) -> float:
-        return _mean(self.search.accuracies)
+        return self.search.accuracy_mean
 
     @property
     def sigma_sd(self) -> float | None:
@@ -200,23 +223,30 @@ def fit_prior(variances: Sequence[tuple[float, int]], floor: float) -> tuple[flo
     sampling alone allows, small when their true variances differ (20-65x across these
     studies: then each configuration mostly keeps its own); capped at ``PRIOR_DF``. None
     below ``MIN_PRIOR_CONFIGS`` configurations. The location is a mean of log variances, so
-    the noisiest configuration does not set every other's prior."""
+    the noisiest configuration does not set every other's prior.
+
+    Rounded (``s0^2`` to 2 significant digits, ``d0`` to 0.1): far finer than the prior's
+    own uncertainty, and a study of thousands of configurations then keeps one prior from
+    claim to claim, so their verdicts are not recomputed each time (``ConfigurationIndex``)."""
     if len(variances) < MIN_PRIOR_CONFIGS:
         return None
+    import numpy as np
     from scipy.special import digamma, polygamma
 
-    e = [
-        math.log(max(var, floor**2, 1e-30)) - float(digamma(df / 2)) + math.log(df / 2)
-        for var, df in variances
-    ]
-    mean = _mean(e)
-    spread = _var(e) or 0.0
-    excess = spread - _mean([float(polygamma(1, df / 2)) for _, df in variances])
+    var = np.array([v for v, _ in variances], dtype=np.float64)
+    half_df = np.array([d for _, d in variances], dtype=np.float64) / 2
+    e = np.log(np.maximum(var, max(floor**2, 1e-30))) - digamma(half_df) + np.log(half_df)
+    mean = float(e.mean())
+    excess = float(e.var(ddof=1)) - float(polygamma(1, half_df).mean())
     if excess <= 0:
-        return math.exp(mean), PRIOR_DF
+        return _round_prior(math.exp(mean), PRIOR_DF)
     d0 = 2 * trigamma_inverse(excess)
     s0 = math.exp(mean + float(digamma(d0 / 2)) - math.log(d0 / 2))
-    return s0, min(d0, PRIOR_DF)
+    return _round_prior(s0, min(d0, PRIOR_DF))
+
+
+def _round_prior(var: float, df: float) -> tuple[float, float]:
+    return float(f"{var:.2g}"), max(round(df, 1), 0.1)
 
 
 def trigamma_inverse(x: float) -> float:
@@ -305,51 +335,130 @@ def _sigma(r: TrialRecord) -> float:
 def group(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configuration]:
     """Every configuration of the study, with its finished seeds, in the order its first
     replicate was made (not yet judged)."""
-    members: dict[str, list[TrialRecord]] = {}
+    index = ConfigurationIndex(spec)
     for record in sorted(records, key=lambda r: r.number):
+        index.update(record)
+    return index.configurations()
+
+
+def configuration_of(key: str, trials: Sequence[TrialRecord], study_seed: int) -> Configuration:
+    """One configuration from its trials (in number order), not yet judged."""
+    search, confirmation = Seeds(), Seeds()
+    replicates = confirmations = pending = pending_confirmations = 0
+    for r in trials:
+        seed = r.seed if r.seed is not None else study_seed
+        busy = r.state in (TrialState.WAITING, TrialState.RUNNING)
+        # A degenerate replicate (no train input right for both models: sigma
+        # undefined) is a finished run of its configuration, infinitely bad in sigma.
+        done = r.outcome is not None and (r.state == TrialState.COMPLETE or r.degenerate)
+        if r.confirmation:
+            confirmations = max(confirmations, r.replicate + 1)
+            pending_confirmations += busy
+            if done:
+                confirmation = confirmation.add(r, seed)
+        else:
+            replicates = max(replicates, r.replicate + 1)
+            pending += busy
+            if done:
+                search = search.add(r, seed)
+    return Configuration(
+        config=key,
+        params=dict(trials[0].params),
+        baseline=any(r.baseline for r in trials),
+        search=search,
+        confirmation=confirmation,
+        replicates=replicates,
+        confirmations=confirmations,
+        pending=pending,
+        pending_confirmations=pending_confirmations,
+        pruned=any(
+            r.state == TrialState.PRUNED and r.replicate == 0 and not r.degenerate
+            for r in trials
+            if not r.confirmation
+        ),
+    )
+
+
+class ConfigurationIndex:
+    """The configurations of a study kept up to date trial by trial, and judged at the
+    cost of what changed: a trial added or changed rebuilds its own configuration, the
+    prior is refitted only when a pooled configuration changed, and only the changed
+    configurations are judged again unless the prior or the reference moved (then all
+    are). The results are those of ``aggregate`` on the same trials."""
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self._members: dict[str, dict[int, TrialRecord]] = {}  # by trial number
+        self._configs: dict[str, Configuration] = {}  # insertion order: first replicate's
+        self._key_of: dict[int, str] = {}  # trial number -> its configuration
+        self._pooled: dict[str, tuple[str, int, float, float]] = {}  # comparable ones
+        self._pool_version = 0
+        self._prior: tuple[tuple[int, float], Prior | None] | None = None
+        self._baseline: str | None = None
+        self._judged: dict[str, Configuration] = {}
+        self._dirty: set[str] = set()
+        self._inputs: Any = None
+
+    def update(self, record: TrialRecord) -> None:
         if not record.params:
-            continue  # failed before its hyperparameters were drawn
+            return  # failed before its hyperparameters were drawn
         key = record.config or config_id(record.params)
-        members.setdefault(key, []).append(record)
-    out = []
-    for key, trials in members.items():
-        search, confirmation = Seeds(), Seeds()
-        replicates = confirmations = pending = pending_confirmations = 0
-        for r in trials:
-            seed = r.seed if r.seed is not None else spec.seed
-            busy = r.state in (TrialState.WAITING, TrialState.RUNNING)
-            # A degenerate replicate (no train input right for both models: sigma
-            # undefined) is a finished run of its configuration, infinitely bad in sigma.
-            done = r.outcome is not None and (r.state == TrialState.COMPLETE or r.degenerate)
-            if r.confirmation:
-                confirmations = max(confirmations, r.replicate + 1)
-                pending_confirmations += busy
-                if done:
-                    confirmation = confirmation.add(r, seed)
+        previous = self._key_of.get(record.number)
+        if previous is not None and previous != key:  # re-keyed (never in practice)
+            self._members[previous].pop(record.number, None)
+            self._rebuild(previous)
+        self._key_of[record.number] = key
+        self._members.setdefault(key, {})[record.number] = record
+        self._rebuild(key)
+
+    def _rebuild(self, key: str) -> None:
+        self._dirty.add(key)
+        members = self._members.get(key)
+        if not members:
+            self._configs.pop(key, None)
+            if self._pooled.pop(key, None) is not None:
+                self._pool_version += 1
+            return
+        trials = [members[n] for n in sorted(members)]
+        c = self._configs[key] = configuration_of(key, trials, self.spec.seed)
+        if c.baseline:
+            self._baseline = key
+        member = _pool_member(c) if comparable(c, self.spec) else None
+        if member != self._pooled.get(key):
+            self._pool_version += 1
+            if member is None:
+                self._pooled.pop(key)
             else:
-                replicates = max(replicates, r.replicate + 1)
-                pending += busy
-                if done:
-                    search = search.add(r, seed)
-        out.append(
-            Configuration(
-                config=key,
-                params=dict(trials[0].params),
-                baseline=any(r.baseline for r in trials),
-                search=search,
-                confirmation=confirmation,
-                replicates=replicates,
-                confirmations=confirmations,
-                pending=pending,
-                pending_confirmations=pending_confirmations,
-                pruned=any(
-                    r.state == TrialState.PRUNED and r.replicate == 0 and not r.degenerate
-                    for r in trials
-                    if not r.confirmation
-                ),
-            )
-        )
-    return out
+                self._pooled[key] = member
+
+    def configurations(self) -> list[Configuration]:
+        return list(self._configs.values())
+
+    def judge(self, teacher_accuracy: float | None, n_dev: int) -> Judged:
+        spec = self.spec
+        baseline = self._configs.get(self._baseline) if self._baseline else None
+        reference = reference_of([baseline] if baseline else [], spec, teacher_accuracy, n_dev)
+        pool = Pool(tuple(self._pooled.values()), accuracy_sd_floor(n_dev))
+        version = (self._pool_version, pool.accuracy_floor)
+        if self._prior is None or self._prior[0] != version:
+            self._prior = (version, pool.prior())
+        prior = self._prior[1]
+        floors = (SIGMA_SD_FLOOR, accuracy_sd_floor(n_dev))
+        inputs = (reference, prior, floors)
+        if inputs != self._inputs:  # every verdict depends on these: judge all again
+            self._judged = {
+                k: _judge(c, spec, reference, prior, floors) for k, c in self._configs.items()
+            }
+            self._inputs = inputs
+        else:
+            for key in self._dirty:
+                c = self._configs.get(key)
+                if c is None:
+                    self._judged.pop(key, None)
+                else:
+                    self._judged[key] = _judge(c, spec, reference, prior, floors)
+        self._dirty.clear()
+        return Judged(list(self._judged.values()), reference, pool, n_dev)
 
 
 def aggregate(
@@ -373,6 +482,7 @@ def judge(
     teacher_accuracy: float | None,
     n_dev: int,
 ) -> Judged:
+    """Every configuration's intervals and verdict."""
     reference = reference_of(configs, spec, teacher_accuracy, n_dev)
     pool = pool_of(configs, spec, n_dev)
     prior = pool.prior()
@@ -407,18 +517,18 @@ def comparable(c: Configuration, spec: StudySpec) -> bool:
         seeds.n >= 2
         and not c.baseline
         and not c.pruned
-        and all(math.isfinite(s) for s in seeds.sigmas)
-        and _mean(seeds.sigmas) <= 2 * spec.thresholds.sigma_max
+        and seeds.finite
+        and seeds.sigma_mean <= 2 * spec.thresholds.sigma_max
     )
 
 
 def pool_of(configs: Sequence[Configuration], spec: StudySpec, n_dev: int) -> Pool:
-    members = tuple(
-        (c.config, c.search.n - 1, _var(c.search.sigmas) or 0.0, _var(c.search.accuracies) or 0.0)
-        for c in configs
-        if comparable(c, spec)
-    )
+    members = tuple(_pool_member(c) for c in configs if comparable(c, spec))
     return Pool(members, accuracy_sd_floor(n_dev))
+
+
+def _pool_member(c: Configuration) -> tuple[str, int, float, float]:
+    return (c.config, c.search.n - 1, c.search.sigma_var or 0.0, c.search.accuracy_var or 0.0)
 
 
 def noise_of(
@@ -579,6 +689,38 @@ def dominated(c: Configuration, by: Sequence[Configuration]) -> bool:
     return False
 
 
+class Frontier:
+    """The feasible configurations' upper bounds, sorted, for ``dominated``'s question in
+    O(log F) instead of O(F): is some feasible configuration at or below ``c``'s lower
+    bounds in both objectives (below in one)?"""
+
+    def __init__(self, feasible: Sequence[Configuration]) -> None:
+        bounded = sorted(
+            ((c.sigma.high, c.drop.high, c) for c in feasible if c.sigma and c.drop),
+            key=lambda x: (x[0], x[1]),
+        )
+        self._highs = [x[0] for x in bounded]
+        self._bounded = bounded
+        self._prefix_min: list[float] = []
+        low = math.inf
+        for _, drop_high, _ in bounded:
+            low = min(low, drop_high)
+            self._prefix_min.append(low)
+
+    def dominates(self, c: Configuration) -> bool:
+        if c.sigma is None or c.drop is None:
+            return False
+        k = bisect.bisect_right(self._highs, c.sigma.low)  # sigma.high <= c's sigma.low
+        if k == 0:
+            return False
+        best = self._prefix_min[k - 1]
+        if best < c.drop.low:
+            return True
+        if best > c.drop.low:
+            return False
+        return dominated(c, [x[2] for x in self._bounded[:k]])  # ties: check strictness
+
+
 def seeds_to_queue(
     configs: Sequence[Configuration], spec: StudySpec, free_slots: int
 ) -> list[tuple[Configuration, int]]:
@@ -587,7 +729,7 @@ def seeds_to_queue(
     reps = spec.replicates
     if reps.max_seeds == 1 or free_slots <= 0:
         return []
-    feasible = [c for c in configs if c.verdict == "feasible"]
+    frontier = Frontier([c for c in configs if c.verdict == "feasible"])
     order = sorted(configs, key=lambda c: (not c.baseline, c.sigma_mean if c.n else math.inf))
     queue: list[tuple[Configuration, int]] = []
     for c in order:
@@ -596,7 +738,7 @@ def seeds_to_queue(
         if reps.strategy == "all" or c.replicates < reps.initial_seeds:
             target = reps.max_seeds if reps.strategy == "all" else reps.initial_seeds
             wanted = list(range(c.replicates, target))
-        elif c.pending or c.n == 0 or c.verdict == "infeasible" or dominated(c, feasible):
+        elif c.pending or c.n == 0 or c.verdict == "infeasible" or frontier.dominates(c):
             continue
         else:
             wanted = [c.replicates]  # racing: one more seed at a time

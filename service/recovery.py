@@ -84,17 +84,16 @@ def sweep_stale_trials(study: optuna.Study, storage: KdsearchStorage, name: str)
         return held
 
 
-def failure_streak(trials: Sequence[TrialRecord], after: int = -1) -> list[int]:
-    """The trials (numbers) of the latest run of failures, in completion order: finished
-    trials numbered above ``after``, counting back from the last one until a trial that
-    did not fail through its own doing. Stops and infrastructure failures neither count
-    nor break the run; a COMPLETE or PRUNED trial breaks it."""
-    finished = sorted(
-        (t for t in trials if t.number > after and t.state.is_finished() and t.completed_at),
-        key=lambda t: (t.completed_at, t.number),
-    )
+def failure_streak(finished: Sequence[TrialRecord], after: int = -1) -> list[int]:
+    """The trials (numbers) of the latest run of failures, in completion order, from the
+    finished trials in completion order (``StudyView.finished_in_order``) numbered above
+    ``after``: counting back from the last one until a trial that did not fail through its
+    own doing. Stops and infrastructure failures neither count nor break the run; a
+    COMPLETE or PRUNED trial breaks it. The work is the run's length, not the study's."""
     run: list[int] = []
     for record in reversed(finished):
+        if record.number <= after:
+            continue
         if record.state != TrialState.FAIL:
             break
         if record.charged_failure:
@@ -105,18 +104,19 @@ def failure_streak(trials: Sequence[TrialRecord], after: int = -1) -> list[int]:
 def halt_if_failing(
     study: optuna.Study,
     spec: StudySpec,
-    trials: Sequence[TrialRecord],
+    finished: Sequence[TrialRecord],
 ) -> bool:
     """Whether the study is halted; halts it when the latest failures in a row reach
-    ``reliability.max_failures_in_a_row``. Callers hold the study's critical section."""
+    ``reliability.max_failures_in_a_row``. ``finished``: in completion order. Callers
+    hold the study's critical section."""
     attrs = study.user_attrs
     if attrs.get(StudyAttr.HALTED):
         return True
-    streak = failure_streak(trials, after=attrs.get(StudyAttr.UNHALTED_AFTER, -1))
+    streak = failure_streak(finished, after=attrs.get(StudyAttr.UNHALTED_AFTER, -1))
     limit = spec.reliability.max_failures_in_a_row
     if len(streak) < limit:
         return False
-    last = next(t for t in trials if t.number == streak[-1])
+    last = next(t for t in reversed(finished) if t.number == streak[-1])
     error = last.error or "its worker died (heartbeat stale)"
     halt(
         study,

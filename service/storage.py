@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,9 @@ DEFAULT_STORAGE = "sqlite:///kdsearch.db"
 # holder is given this long between two statements before the server ends its session,
 # which releases the lock and rolls back what it did: a frozen holder (SIGSTOP, a swapped
 # out VM) cannot stall the study, and can never complete a claim it no longer holds.
+# $KDSEARCH_LOCK_HOLD_S sets it (seconds, at least 5: a claim under load must fit).
 LOCK_HOLD_S = 30
+LOCK_HOLD_ENV = "KDSEARCH_LOCK_HOLD_S"
 # Waiters give up a wait after this long, say so, and try again.
 LOCK_WAIT_S = 60
 
@@ -236,6 +238,28 @@ class KdsearchStorage(optuna.storages.RDBStorage):
         objects row by row, which takes seconds at 10,000 trials."""
         return read_trials(self.engine, study_id)
 
+    def read_states(self, trial_ids: Collection[int]) -> dict[int, TrialState]:
+        """The states of these trials, in one query (through this thread's session)."""
+        if not trial_ids:
+            return {}
+        trial = models.TrialModel
+        with _create_scoped_session(self.scoped_session) as session:
+            rows = session.execute(
+                sqlalchemy.select(trial.trial_id, trial.state).where(
+                    trial.trial_id.in_(list(trial_ids))
+                )
+            ).all()
+        return {i: st if isinstance(st, TrialState) else TrialState[st] for i, st in rows}
+
+    def read_changed(
+        self, study_id: int, after_id: int, include: Collection[int]
+    ) -> list[FrozenTrial]:
+        """The trials with an id above ``after_id`` or in ``include``, through this
+        thread's session: inside a critical section, its transaction (its own writes, the
+        stale trials it failed and re-queued, are seen)."""
+        with _create_scoped_session(self.scoped_session) as session:
+            return read_trials(session.connection(), study_id, after_id, include)
+
 
 def _explicit_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
     """pysqlite begins transactions on its own, and breaks SAVEPOINTs: SQLAlchemy's
@@ -251,8 +275,20 @@ def _explicit_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def read_trials(engine: sqlalchemy.engine.Engine, study_id: int) -> list[FrozenTrial]:
-    """``FrozenTrial``s of ``study_id`` from five bulk queries."""
+def read_trials(
+    source: sqlalchemy.engine.Engine | sqlalchemy.engine.Connection,
+    study_id: int,
+    after_id: int = -1,
+    include: Collection[int] = (),
+) -> list[FrozenTrial]:
+    """``FrozenTrial``s of ``study_id`` from five bulk queries: every trial, or (``after_id``
+    and ``include``) only those with an id above ``after_id`` or in ``include`` (what a
+    cache of the study needs to be current: the new trials, and the unfinished ones it
+    holds). ``source``: an engine, or a connection (a critical section's, to see its own
+    writes)."""
+    if isinstance(source, sqlalchemy.engine.Engine):
+        with source.connect() as conn:
+            return read_trials(conn, study_id, after_id, include)
     import optuna.distributions as dist
 
     trial, value = models.TrialModel, models.TrialValueModel
@@ -261,35 +297,48 @@ def read_trials(engine: sqlalchemy.engine.Engine, study_id: int) -> list[FrozenT
         models.TrialUserAttributeModel,
         models.TrialSystemAttributeModel,
     )
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sqlalchemy.select(
-                trial.trial_id, trial.number, trial.state, trial._datetime_start_utc,
-                trial._datetime_complete_utc,
-            ).where(trial.study_id == study_id).order_by(trial.number)
-        ).all()  # fmt: skip
-        ids = sqlalchemy.select(trial.trial_id).where(trial.study_id == study_id)
-        values: dict[int, dict[int, float]] = {}
-        for trial_id, objective, v, kind in conn.execute(
-            sqlalchemy.select(value.trial_id, value.objective, value.value, value.value_type)
-            .where(value.trial_id.in_(ids))
-        ):  # fmt: skip
-            values.setdefault(trial_id, {})[objective] = value.stored_repr_to_value(v, kind)
-        found: dict[int, dict[str, tuple[float, str]]] = {}
-        for trial_id, name, internal, distribution in conn.execute(
-            sqlalchemy.select(
-                params.trial_id, params.param_name, params.param_value, params.distribution_json
-            ).where(params.trial_id.in_(ids))
+    conn = source
+    wanted: Any = trial.study_id == study_id
+    if after_id >= 0 or include:
+        wanted = sqlalchemy.and_(
+            wanted, sqlalchemy.or_(trial.trial_id > after_id, trial.trial_id.in_(list(include)))
+        )
+    rows = conn.execute(
+        sqlalchemy.select(
+            trial.trial_id, trial.number, trial.state, trial._datetime_start_utc,
+            trial._datetime_complete_utc,
+        ).where(wanted).order_by(trial.number)
+    ).all()  # fmt: skip
+    if not rows:
+        return []
+    # A few trials (a claim's refresh): their ids, so each attribute table is read by its
+    # index; many: the same filter as a subquery (no list of thousands of parameters).
+    ids: Any = (
+        [row[0] for row in rows]
+        if len(rows) <= 500
+        else sqlalchemy.select(trial.trial_id).where(wanted)
+    )
+    values: dict[int, dict[int, float]] = {}
+    for trial_id, objective, v, kind in conn.execute(
+        sqlalchemy.select(value.trial_id, value.objective, value.value, value.value_type)
+        .where(value.trial_id.in_(ids))
+    ):  # fmt: skip
+        values.setdefault(trial_id, {})[objective] = value.stored_repr_to_value(v, kind)
+    found: dict[int, dict[str, tuple[float, str]]] = {}
+    for trial_id, name, internal, distribution in conn.execute(
+        sqlalchemy.select(
+            params.trial_id, params.param_name, params.param_value, params.distribution_json
+        ).where(params.trial_id.in_(ids))
+    ):
+        found.setdefault(trial_id, {})[name] = (internal, distribution)
+    by_kind: dict[str, dict[int, dict[str, Any]]] = {"user": {}, "system": {}}
+    for kind, table in (("user", users), ("system", system)):
+        for trial_id, key, raw in conn.execute(
+            sqlalchemy.select(table.trial_id, table.key, table.value_json).where(
+                table.trial_id.in_(ids)
+            )
         ):
-            found.setdefault(trial_id, {})[name] = (internal, distribution)
-        by_kind: dict[str, dict[int, dict[str, Any]]] = {"user": {}, "system": {}}
-        for kind, table in (("user", users), ("system", system)):
-            for trial_id, key, raw in conn.execute(
-                sqlalchemy.select(table.trial_id, table.key, table.value_json).where(
-                    table.trial_id.in_(ids)
-                )
-            ):
-                by_kind[kind].setdefault(trial_id, {})[key] = json.loads(raw)
+            by_kind[kind].setdefault(trial_id, {})[key] = json.loads(raw)
     parsed: dict[str, Any] = {}  # distribution JSON -> object: a study has a handful
     out = []
     for trial_id, number, state, start, complete in rows:
@@ -569,6 +618,19 @@ class LockBusy(KdsearchError):
     exit_code = 3
 
 
+def lock_hold_s() -> int:
+    """How long a critical section's holder may stay idle (``$KDSEARCH_LOCK_HOLD_S``)."""
+    text = os.environ.get(LOCK_HOLD_ENV, "").strip()
+    if not text:
+        return LOCK_HOLD_S
+    if not text.isdigit() or int(text) < 5:
+        raise KdsearchError(
+            f"${LOCK_HOLD_ENV} is {text!r}; it must be a whole number of seconds, at least 5 "
+            f"(default {LOCK_HOLD_S}); set it so or unset it"
+        )
+    return int(text)
+
+
 @contextlib.contextmanager
 def critical_section(storage: KdsearchStorage, name: str, wait: bool = True) -> Iterator[bool]:
     """Run a short critical section (a claim, creating a study) on study ``name`` alone,
@@ -593,7 +655,7 @@ def critical_section(storage: KdsearchStorage, name: str, wait: bool = True) -> 
             transaction = conn.begin()
             conn.execute(
                 sqlalchemy.text(
-                    f"SET LOCAL idle_in_transaction_session_timeout = {LOCK_HOLD_S * 1000}"
+                    f"SET LOCAL idle_in_transaction_session_timeout = {lock_hold_s() * 1000}"
                 )
             )
             key = {"k": stable_int(f"kdsearch:{name}", bits=64) - (1 << 63)}

@@ -321,6 +321,24 @@ def make_trial(
     precision: str = "fp32",
 ) -> Any:
     """A trial of ``params`` outside any claim, as the worker would run it."""
-    from kdsearch.workers.trial import standalone_trial
+    from kdsearch.workers.trial import TrialHooks, standalone_trial
 
-    return standalone_trial(spec, assets, params, device, seed, precision, on_probe)  # type: ignore[arg-type]
+    trial = standalone_trial(spec, assets, params, device, seed, precision)  # type: ignore[arg-type]
+    trial.hooks = TrialHooks(on_probe=on_probe)
+    return trial
+
+
+def stored_trials(url: str, name: str) -> list[Any]:
+    """A study's trials, read over one connection that is closed at once: tests that poll
+    a study many times a second must not leave a pool of connections behind each read
+    (the server's max_connections)."""
+    import optuna
+    import sqlalchemy
+
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool}, skip_table_creation=True
+    )
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()

@@ -85,6 +85,22 @@ def test_the_wheel_installs_only_kdsearch(tmp_path: Path) -> None:
     assert "kdsearch/cli.py" in names and "kdsearch/py.typed" in names
 
 
+def test_a_folder_named_kdsearch_in_the_working_directory_does_not_shadow_it(
+    tmp_path: Path,
+) -> None:
+    # A notebook opened in the clone's parent folder: the clone is ./kdsearch (no
+    # __init__.py at its root), and the installed package must still be the one imported.
+    clone = tmp_path / "kdsearch"
+    (clone / "service").mkdir(parents=True)
+    (clone / "README.md").write_text("a clone\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "import kdsearch; print(kdsearch.create_study.__module__)"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kdsearch.api"
+
+
 def test_the_committed_json_schema_is_up_to_date() -> None:
     committed = json.loads((ROOT / "studies" / SCHEMA_FILE).read_text())
     assert committed == json_schema(), (

@@ -13,12 +13,17 @@ import yaml
 
 import kdsearch
 from kdsearch.service.errors import KdsearchError
-from kdsearch.service.racing import aggregate
-from kdsearch.service.recovery import halted_reason
 from kdsearch.service.report import depth_png
 from kdsearch.service.summary import read_records, summarize_study
 from kdsearch.workers.models import forget_loaded, load_model
-from tests.helpers import ROOT, bert_teacher, glue_hub_folder, tinybert_checkpoint
+from tests.helpers import (
+    COLA_STAND_INS,
+    GLUE_FIXTURE_FOLDERS,
+    ROOT,
+    bert_teacher,
+    glue_hub_folder,
+    tinybert_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,21 +68,49 @@ def test_a_tinybert_checkpoint_without_model_type_loads_as_bert(
         load_model(str(stand_ins["4L"].parent / "odd"), "student", num_labels=2)
 
 
+def _augmented_stand_in(task: str, folder: Path) -> Path:
+    """A small train_aug.tsv in the task's GLUE format, where the shipped YAML names the
+    file ``kdsearch augment`` writes (tests/test_augment.py runs the augmentation)."""
+    path = folder / f"{task}-train_aug.tsv"
+    if task == "cola":  # CoLA's TSVs have no header: source, label, original mark, sentence
+        rows = [f"stand-in\t{label}\t\t{text}" for text, label in COLA_STAND_INS * 8]
+        path.write_text("\n".join(rows) + "\n")
+    else:
+        fixture = ROOT / "tests" / "fixtures" / "glue" / GLUE_FIXTURE_FOLDERS[task] / "train.tsv"
+        lines = fixture.read_text(encoding="utf-8-sig").splitlines()
+        path.write_text("\n".join([lines[0], *lines[1:65] * 4][:65]) + "\n")
+    return path
+
+
 def _dry_run_spec(path: Path, stand_ins: dict[str, Path]) -> dict:
     raw = yaml.safe_load(path.read_text())
+    if raw["data"].get("train_augmented"):
+        raw["data"]["train_augmented"] = str(
+            _augmented_stand_in(raw["task"], stand_ins["glue"].parent)
+        )
     # What needs the network, swapped for stand-ins of the same shape; sizes shrunk.
     raw["teacher"]["model"] = str(stand_ins["teacher"])
     if "model" in raw["student"]:
         raw["student"]["model"] = str(stand_ins["4L" if "4L" in raw["student"]["model"] else "6L"])
-    raw["data"] = {**raw["data"], "dataset": str(stand_ins["glue"]), "train_limit": 24,
+    raw["data"] = {**raw["data"], "dataset": str(stand_ins["glue"]), "train_limit": 64,
                    "dev_limit": 12}  # fmt: skip
-    raw["stage1"]["epochs"] = 1
+    # TinyBERT's batching skips an epoch's last, smaller batch: batches that fit the rows
+    # (the smallest stand-in, QQP's, has 9 train rows)
+    raw["stage1"].update(epochs=1, batch_size=8)
+    raw["search_space"]["batch_size"] = {"type": "int", "low": 4, "high": 8}
+    raw["defaults"]["batch_size"] = 8
     if "stage1_epochs" in raw["search_space"]:  # RTE's searched stage 1, shrunk alike
         raw["search_space"]["stage1_epochs"] = {"type": "int", "low": 1, "high": 2}
     raw["n_trials"] = 2
+    # TinyBERT's batching pads every batch to max_seq_length: the stand-in rows fit 32,
+    # and the teacher's forward at every step (dropout targets) is 16x cheaper than at 128
+    raw["max_seq_length"] = 32
     raw["eval_batch_size"] = 16
-    raw["training"]["eval_every_steps"] = 2
+    raw["training"]["eval_every_steps"] = 1  # TinyBERT's grid: after every step
     raw["reliability"] = {"heartbeat_interval_s": 1, "grace_period_s": 30}
+    # Stand-in students may be pruned at any probe; the dry run wants every trial's end
+    # (probes are still taken and recorded; tests/test_pruning.py covers the rules).
+    raw["pruning"] = {**raw.get("pruning", {}), "rule": "none"}
     return raw
 
 
@@ -96,7 +129,10 @@ def test_each_paper_study_runs_end_to_end(
     )
     study.run_worker(threads=1)  # one sampled trial, the same every run (its number's seed)
     records = study.records()
-    assert [r.state.name for r in records] == ["COMPLETE", "COMPLETE"], [r.error for r in records]
+    # a stand-in student may get no train row right that the teacher gets right (sigma
+    # undefined): that trial ends PRUNED with its figures, as any degenerate one
+    assert records[0].state.name == "COMPLETE", records[0].error
+    assert records[1].state.name == "COMPLETE" or records[1].degenerate, records[1].error
     baseline, other = records
     assert baseline.baseline and baseline.hyperparameters is not None
     assert (baseline.hyperparameters["learning_rate"], baseline.hyperparameters["epochs"]) == (
@@ -113,7 +149,10 @@ def test_each_paper_study_runs_end_to_end(
     assert other.outcome.accuracy_drop_teacher == pytest.approx(
         other.outcome.teacher_dev_accuracy - other.outcome.student_dev_accuracy
     )
-    assert other.outcome.selected_epoch is not None and len(other.probes) >= 2
+    # TinyBERT keeps a checkpoint only when its metric beats 0: CoLA's MCC on stand-ins
+    # may never, and then the final student is scored
+    assert other.outcome.selected_epoch is not None or raw["task"] == "cola"
+    assert len(other.probes) >= 2
     messages = " ".join(r.getMessage() for r in caplog.records)
     if "model" in raw["student"]:  # the TinyBERT checkpoint's trained fit_dense is used
         assert "config.json has no model_type; loading it as BERT" in messages
@@ -126,28 +165,3 @@ def test_each_paper_study_runs_end_to_end(
         assert {row["depth"] for row in summary.by_depth} == depths
         depth_png(read_records(study.optuna), study.spec, tmp_path / "depth.png")
         assert (tmp_path / "depth.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_a_collapsed_replicate_is_pruned_not_retried(
-    stand_ins: dict[str, Path], tmp_path: Path
-) -> None:
-    # RTE with the 6-layer stand-in, as shipped (racing): the baseline's second seed gives
-    # a student that gets no train row right that the teacher gets right, so sigma is
-    # undefined. That is the configuration's result, deterministic for its seed: the trial
-    # ends PRUNED with its figures, it is not failed, retried or counted towards a halt.
-    raw = _dry_run_spec(ROOT / "studies" / "paper" / "rte-s6l.yaml", stand_ins)
-    forget_loaded()
-    study = kdsearch.create_study(
-        raw, storage=f"sqlite:///{tmp_path / 'k.db'}", artifacts=str(tmp_path / "art")
-    )
-    study.run_worker(threads=1)
-    first, second = study.records()  # the budget, and nothing else: no retry
-    assert (first.replicate, second.replicate) == (0, 1) and second.baseline
-    assert first.state.name == "COMPLETE"
-    assert second.state.name == "PRUNED" and second.degenerate and second.failure is None
-    assert second.outcome is not None and second.outcome.train_n_kept == 0
-    assert second.feasible is False  # its constraints: undefined sigma is never feasible
-    (baseline,) = aggregate(study.records(), study.spec)
-    assert baseline.n == 2 and baseline.sigmas[1] == float("inf")
-    assert baseline.verdict == "infeasible"
-    assert halted_reason(study.optuna._storage, "rte-s6l") is None

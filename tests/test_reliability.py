@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.service.errors import FailureStreak
 from kdsearch.service.loading import load_spec
-from kdsearch.service.record import FailureKind, SystemAttr, TrialAttr, TrialRecord
+from kdsearch.service.record import FailureKind, StudyAttr, SystemAttr, TrialAttr, TrialRecord
 from kdsearch.service.spec import StudySpec
 from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
@@ -33,6 +33,7 @@ from tests.helpers import (
     finish,
     kdsearch,
     start_worker,
+    stored_trials,
     tiny_spec_text,
     wait_for,
     write_spec,
@@ -78,7 +79,7 @@ SLOW = epochs(30, 1, 30)
 
 
 def trials(url: str, name: str) -> list[FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=url).trials
+    return stored_trials(url, name)
 
 
 def training(url: str, name: str, number: int = 0) -> bool:
@@ -474,24 +475,27 @@ def test_a_frozen_lock_holder_loses_the_lock_and_nobody_claims_twice(
     tmp_path, pg_url, tiny_bert_dir, fixture_glue
 ) -> None:
     # A worker frozen inside its claim's transaction (holding the study's advisory lock)
-    # for longer than LOCK_HOLD_S: the server ends its session, the lock is released, the
-    # other worker goes on; the frozen one, woken, finds its claim rolled back and claims
-    # again. The budget is exact and no trial is taken twice.
+    # for longer than $KDSEARCH_LOCK_HOLD_S (8 s here, 30 by default): the server ends its
+    # session, the lock is released, the other worker goes on; the frozen one, woken,
+    # finds its claim rolled back and claims again. The budget is exact and no trial is
+    # taken twice.
     make_study(pg_url, tmp_path, tiny_bert_dir, fixture_glue, "frozen", n_trials="3")
+    hold = {"KDSEARCH_LOCK_HOLD_S": "8"}
     env = {
-        "KDSEARCH_FAULT": "in-claim@2:pause=45",
+        "KDSEARCH_FAULT": "in-claim@2:pause=35",
         "KDSEARCH_FAULT_REACHED": str(tmp_path / "reached"),
+        **hold,
     }
     frozen = start_worker(pg_url, "frozen", tmp_path / "art", **env)
     wait_for(lambda: (tmp_path / "reached").exists(), what="the second claim")
     start = time.monotonic()
-    other = start_worker(pg_url, "frozen", tmp_path / "art")
+    other = start_worker(pg_url, "frozen", tmp_path / "art", **hold)
     wait_for(
         lambda: any(t.state == TrialState.COMPLETE for t in trials(pg_url, "frozen")[1:]),
         timeout=120,
         what="the other worker to finish a trial while the holder is frozen",
     )
-    assert time.monotonic() - start < 45 + 30  # it did not wait for the holder to wake
+    assert time.monotonic() - start < 35  # it did not wait for the holder to wake
     logs = finish([frozen, other])
     no_traceback(logs)
     ts = trials(pg_url, "frozen")
@@ -566,3 +570,49 @@ def test_a_full_disk_leaves_no_unreferenced_artifact(
     first, queued = study.trials
     assert first.state == TrialState.FAIL
     assert queued.state == TrialState.WAITING and queued.user_attrs[TrialAttr.ATTEMPT] == 0
+
+
+def test_a_degenerate_trial_is_pruned_with_its_figures_never_retried(
+    tmp_path, tiny_bert_dir, fixture_glue
+) -> None:
+    # sigma is undefined when no train row is right for both teacher and student. Made so
+    # by construction: the tiny teacher fine-tuned once, then used as is, with train
+    # labels flipped from its own predictions: it is right on no train row and every
+    # trial is degenerate. That is the configuration's result, not a failure: PRUNED with
+    # its figures, never failed, retried or counted towards a halt.
+    import torch
+
+    from kdsearch.workers.assets import prepare_assets
+    from kdsearch.workers.cache import AssetCache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(fixture_glue / "SST-2" / "dev.tsv", data / "dev.tsv")
+    rows = (fixture_glue / "SST-2" / "train.tsv").read_text().splitlines()[:161]
+    (data / "train.tsv").write_text("\n".join(rows) + "\n")
+    first = load_spec(
+        write_spec(tmp_path / "first.yaml", tiny_spec_text("first", tiny_bert_dir, data))
+    )
+    assets = prepare_assets(first, AssetCache(tmp_path / "probe"), torch.device("cpu"))
+    predicted = assets.teacher_logits_train.argmax(dim=-1).tolist()  # (160,)
+    assert len(predicted) == 160 and len(set(predicted)) == 2
+    flipped = [
+        f"{r.rsplit(chr(9), 1)[0]}\t{1 - p}" for r, p in zip(rows[1:], predicted, strict=True)
+    ]
+    (data / "train.tsv").write_text("\n".join([rows[0], *flipped]) + "\n")
+    text = tiny_spec_text("flat", Path(assets.teacher), data, n_trials=2)
+    text = "\n".join(line for line in text.splitlines() if "finetune:" not in line) + "\n"
+    write_spec(tmp_path / "flat.yaml", text)
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    create_or_attach(open_storage(url), load_spec(tmp_path / "flat.yaml"))
+    worker = Worker(WorkerOptions(url, "flat", str(tmp_path / "art"), threads=1))
+    assert worker.run() == 0
+    done = [TrialRecord.of(t) for t in trials(url, "flat")]
+    assert len(done) == 2  # the budget, and nothing else: no retry
+    for r in done:
+        assert r.state == TrialState.PRUNED and r.degenerate and r.failure is None
+        assert r.outcome is not None and r.outcome.train_n_kept == 0
+        assert r.outcome.teacher_train_accuracy == 0.0
+        assert r.feasible is False  # undefined sigma is never feasible
+    study = optuna.load_study(study_name="flat", storage=url)
+    assert study.user_attrs.get(StudyAttr.HALTED) is None

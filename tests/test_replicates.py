@@ -20,7 +20,7 @@ from kdsearch.service.storage import open_storage
 from kdsearch.service.study import create_or_attach
 from kdsearch.service.trial_config import confirmation_seed, replicate_seed
 from kdsearch.workers.worker import Worker, WorkerOptions
-from tests.helpers import finish, start_worker, tiny_spec_text, wait_for, write_spec
+from tests.helpers import finish, start_worker, stored_trials, tiny_spec_text, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def make(url: str, tmp_path: Path, tiny_bert_dir: Path, fixture_glue: Path, name
 
 
 def records(url: str, name: str) -> list[TrialRecord]:
-    return [TrialRecord.of(t) for t in optuna.load_study(study_name=name, storage=url).trials]
+    return [TrialRecord.of(t) for t in stored_trials(url, name)]
 
 
 def test_two_workers_give_every_configuration_its_seeds_within_the_budget(
@@ -183,3 +183,27 @@ def test_two_workers_confirm_on_held_out_seeds_and_a_killed_one_is_rerun_with_it
     assert found.sigma == pytest.approx(sum(r.sigma for r in held_out) / 2)
     # confirmed: the study stopped early, with the second candidate's reserve unused
     assert len(counted) == 4
+
+
+def test_two_workers_run_a_gp_study_on_postgres(
+    tmp_path, pg_url, tiny_bert_dir, fixture_glue
+) -> None:
+    # GPSampler (constrained, two objectives) behind the claim: each trial's draw is seeded
+    # by its number, the running trials of the other worker are pending for it.
+    text = tiny_spec_text("gp", tiny_bert_dir, fixture_glue / "SST-2", n_trials=5)
+    text = text.replace(
+        "sampler: {name: tpe, n_startup_trials: 2}", "sampler: {name: gp, n_startup_trials: 2}"
+    )
+    text += "replicates: {max_seeds: 2}\n"
+    spec = load_spec(write_spec(tmp_path / "gp.yaml", text))
+    assert spec.sampler.name == "gp"
+    create_or_attach(open_storage(pg_url), spec)
+    logs = finish([start_worker(pg_url, "gp", tmp_path / "art") for _ in range(2)])
+    assert not any("Traceback" in log for log in logs)
+    done = records(pg_url, "gp")
+    assert [r.state for r in done] == [TrialState.COMPLETE] * 5  # the budget, exactly
+    sampled = [r for r in done if not r.baseline and r.replicate == 0]
+    assert len(sampled) >= 2 and len({tuple(sorted(r.params.items())) for r in sampled}) == len(
+        sampled
+    )
+    assert all(r.constraints is not None for r in done)  # feasibility through set_constraint

@@ -66,7 +66,7 @@ STOP_WORDS = frozenset([
 # N per task, TinyBERT's ``default_params``.
 DEFAULT_N = {"cola": 30, "mrpc": 30, "rte": 30, "sst2": 20, "qnli": 20, "qqp": 10}
 GLOVE_WORDS = 100_000
-MAX_PIECES = 512  # BERT's positions
+MAX_PIECES = 512  # BERT-base's positions (the original's limit); a smaller MLM's own
 
 
 def is_valid(word: str) -> bool:
@@ -128,6 +128,8 @@ class Augmentor:
         self.glove = glove
         self.settings = settings
         self.rng = random.Random(settings.seed)
+        positions = getattr(getattr(mlm, "config", None), "max_position_embeddings", MAX_PIECES)
+        self.max_pieces = min(MAX_PIECES, int(positions))
 
     def _word_distance(self, word: str) -> list[str]:
         glove = self.glove
@@ -145,15 +147,15 @@ class Augmentor:
 
     @torch.inference_mode()
     def _masked_language_model(self, sentence: str, pieces: list[str], mask_at: int) -> list[str]:
-        if mask_at >= MAX_PIECES:
+        if mask_at >= self.max_pieces:
             return []
         tok = self.tokenizer
         original = ["[CLS]", *tok.tokenize(sentence)]  # type: ignore[attr-defined]
         length = len(original)
         text = [*pieces, "[SEP]", *original[1:], "[SEP]"]
-        if len(text) > MAX_PIECES:
-            text = text[:MAX_PIECES]
-            length = min(length, MAX_PIECES - 1)
+        if len(text) > self.max_pieces:
+            text = text[: self.max_pieces]
+            length = min(length, self.max_pieces - 1)
         ids = torch.tensor([tok.convert_tokens_to_ids(text)])  # type: ignore[attr-defined]
         segments = torch.tensor([[0] * (length + 1) + [1] * (len(text) - length - 1)])
         device = next(self.mlm.parameters()).device

@@ -147,11 +147,34 @@ def uniform_batches(
     return batches
 
 
+def dataloader_batches(n_rows: int, batch_size: int, drop_last: bool) -> list[list[int]]:
+    """One epoch's batches exactly as ``DataLoader(data, sampler=RandomSampler(data),
+    batch_size)`` draws them from the global generator (TinyBERT's loader): the loader's
+    iterator first draws its base seed, the sampler then draws the seed of its own
+    generator, and the order is that generator's ``randperm``. Both draws advance the
+    global generator, which the dropout masks share, so the masks after them are
+    TinyBERT's too (``tests/test_paper_exact.py`` checks it against a real DataLoader)."""
+    torch.empty((), dtype=torch.int64).random_()  # _BaseDataLoaderIter's base seed
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler's
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()  # TinyBERT skips it inside the loop, after the draws
+    return batches
+
+
+def consume_dataloader_draw() -> None:
+    """The global-generator draw a ``DataLoader`` iterator makes when it starts (its base
+    seed): TinyBERT's dev evaluation makes one at every evaluation, between training
+    steps, so an exact replay makes it too."""
+    torch.empty((), dtype=torch.int64).random_()
+
+
 @dataclass(frozen=True)
 class Batching:
     """How a stage's training batches are made."""
 
-    order: Literal["length_grouped", "uniform"] = "length_grouped"
+    order: Literal["length_grouped", "uniform", "dataloader"] = "length_grouped"
     pad_to: int | None = None  # None: each batch padded to its longest row
     drop_last: bool = False  # skip the last, smaller batch of an epoch (TinyBERT)
 
@@ -160,6 +183,8 @@ class Batching:
     ) -> list[list[int]]:
         if self.order == "uniform":
             return uniform_batches(len(data), batch_size, generator, self.drop_last)
+        if self.order == "dataloader":
+            return dataloader_batches(len(data), batch_size, self.drop_last)
         batches = length_grouped_batches(data.lengths, batch_size, generator)
         if self.drop_last:
             batches = [b for b in batches if len(b) == batch_size]

@@ -204,10 +204,37 @@ def _data_problems(spec: StudySpec) -> list[str]:
     if not offline:
         return []  # a hub dataset: fetched, and so checked, by the first worker
     try:
-        load_task_data(spec.data, spec.task)
+        loaded = load_task_data(spec.data, spec.task)
     except KdsearchError as exc:
         return [f"data: {exc}"]
-    return []
+    return _batch_problems(spec, len(loaded.train_augmented or loaded.train))
+
+
+def _batch_problems(spec: StudySpec, rows: int) -> list[str]:
+    """TinyBERT's batching skips an epoch's last, smaller batch: a batch size above the
+    training rows would train nothing, in every trial."""
+    problems = []
+    sizes: dict[str, int] = {}
+    if spec.training.batching == "tinybert":
+        searched = spec.search_space.get("batch_size")
+        high = (
+            None
+            if searched is None
+            else int(max(searched.choices) if searched.type == "categorical" else searched.high)
+        )
+        sizes["defaults.batch_size"] = spec.defaults.batch_size
+        if high is not None:
+            sizes["search_space.batch_size"] = high
+    if spec.stage1 is not None and spec.stage1.matching == "padded":
+        sizes["stage1.batch_size"] = spec.stage1.batch_size
+    for where, size in sizes.items():
+        if size > rows:
+            problems.append(
+                f"{where}: up to {size}, but training has {rows} rows, and TinyBERT's batching "
+                f"skips the last, smaller batch: nothing would train. Use batches of at most "
+                f"{rows} (or more rows)"
+            )
+    return problems
 
 
 def _model_problems(spec: StudySpec) -> list[str]:

@@ -96,9 +96,10 @@ class TeacherFinetuning:
 
 
 def tinybert_batching(max_seq_length: int) -> Batching:
-    """TinyBERT's batches: uniformly shuffled, padded to max_seq_length, the last,
-    smaller batch of an epoch skipped."""
-    return Batching(order="uniform", pad_to=max_seq_length, drop_last=True)
+    """TinyBERT's batches: its DataLoader's shuffle (drawn from the global generator, as
+    ``RandomSampler`` does), padded to max_seq_length, the last, smaller batch of an epoch
+    skipped."""
+    return Batching(order="dataloader", pad_to=max_seq_length, drop_last=True)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from kdsearch.service.record import ProbePoint, TrialOutcome
 from kdsearch.service.trial_config import Precision, TrialConfig
 from kdsearch.workers.assets import StudyAssets
+from kdsearch.workers.batching import consume_dataloader_draw
 from kdsearch.workers.device import dtype_of, peak_memory
 from kdsearch.workers.distill import CachedTargets, DropoutTargets
 from kdsearch.workers.inference import predict_logits, probabilities
@@ -195,6 +196,8 @@ class DistillationTrial:
         selection metric, the probe subset for the probe's sigma; at the last epoch end,
         the whole train split instead (it is the final scoring, and holds the probe)."""
         final = epoch == self.config.hyperparameters.epochs
+        if self.recipe.training.eval_grid == "tinybert":
+            consume_dataloader_draw()  # TinyBERT's dev DataLoader, at each of its evaluations
         if not (final or self._selecting or self.hooks.on_probe is not None):
             return  # nobody reads this evaluation (export re-trains with selection: last)
         # The last evaluation is the final scoring: fp32, and the whole train split.
@@ -383,9 +386,9 @@ def standalone_trial(
     device: torch.device,
     seed: int | None = None,
     precision: Precision = "fp32",
-    on_probe: Callable[[ProbePoint], None] | None = None,
 ) -> DistillationTrial:
     """A trial of ``params`` outside any claim (``standalone_config``), as a worker would
-    run it: ``standalone_trial(spec, assets, params, device).run()``."""
+    run it: ``standalone_trial(spec, assets, params, device).run()`` (its ``hooks`` may be
+    set before it runs)."""
     config = dataclasses.replace(standalone_config(spec, assets, params, seed), precision=precision)
-    return DistillationTrial(config, Recipe.of(spec), assets, device, TrialHooks(on_probe=on_probe))
+    return DistillationTrial(config, Recipe.of(spec), assets, device)
