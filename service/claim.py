@@ -18,6 +18,8 @@ from __future__ import annotations
 import bisect
 import enum
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsearch.service import sampler
-from kdsearch.service.confirmation import Plan, Usage, plan
+from kdsearch.service.confirmation import Plan, Queued, Usage, plan
 from kdsearch.service.faults import fault_point
 from kdsearch.service.racing import ConfigurationIndex, Judged
 from kdsearch.service.record import (
@@ -53,6 +55,8 @@ from kdsearch.service.trial_config import (
 )
 
 logger = logging.getLogger(__name__)
+
+STALE_CHECK_S = 1.0
 
 
 class Claim(enum.Enum):
@@ -100,6 +104,19 @@ class StudyView:
         self._done_keys: list[tuple[Any, int]] = []  # (completed_at, number), sorted
         self._done: list[TrialRecord] = []  # finished trials in completion order
         self.index: ConfigurationIndex | None = None
+        self._stale_checked = -math.inf
+
+    def stale_check_due(self) -> bool:
+        """Whether this claim looks for stale trials: at most once every
+        ``STALE_CHECK_S`` per process. A stale trial is one whose worker stopped beating
+        for the grace period (seconds to minutes), and heartbeat threads sweep too, so
+        looking at every claim of a busy study (tens a second) would only cost its lock
+        time (a query over the running trials each time)."""
+        now = time.monotonic()
+        if now - self._stale_checked < STALE_CHECK_S:
+            return False
+        self._stale_checked = now
+        return True
 
     def refresh(self, spec: StudySpec) -> None:
         if self.index is None:
@@ -112,13 +129,17 @@ class StudyView:
         moved = [
             i
             for i, state in states.items()
-            if state != self._records[i].state or _unsampled(self._records[i])
+            if state != self._records[i].state or self._records[i].unsampled
         ]
         for trial_id in self._unfinished - states.keys():  # deleted (never in practice)
             self._set(trial_id, None)
-        for trial in self._backend.read_changed(self.study._study_id, self._max_id, moved):
-            self._set(trial._trial_id, TrialRecord.of(trial))
-            self.index.update(self._records[trial._trial_id])
+        changed = [
+            TrialRecord.of(t)
+            for t in self._backend.read_changed(self.study._study_id, self._max_id, moved)
+        ]
+        for record in changed:
+            self._set(record.trial_id, record)
+        self.index.update_many(changed)
 
     def _set(self, trial_id: int, record: TrialRecord | None) -> None:
         old = self._records.pop(trial_id, None) if record is None else self._records.get(trial_id)
@@ -148,7 +169,7 @@ class StudyView:
         else:
             self._usage[0] += sign
             self._usage[2] += sign * (record.state in (TrialState.RUNNING, TrialState.WAITING))
-            self._usage[3] += sign * _unsampled(record)
+            self._usage[3] += sign * record.unsampled
 
     def records(self, spec: StudySpec | None = None) -> list[TrialRecord]:
         """Every trial's record, by number (refreshed first when ``spec`` is given)."""
@@ -189,14 +210,8 @@ def usage_of(records: list[TrialRecord]) -> Usage:
         search=sum(not r.confirmation for r in counted),
         confirmation=sum(r.confirmation for r in counted),
         search_busy=sum(not r.confirmation and r.state in busy for r in counted),
-        unsampled=sum(_unsampled(r) for r in counted),
+        unsampled=sum(r.unsampled for r in counted),
     )
-
-
-def _unsampled(record: TrialRecord) -> bool:
-    """A new sample taken, its values not yet sampled (the worker samples them after the
-    critical section)."""
-    return record.state == TrialState.RUNNING and record.config is None and not record.baseline
 
 
 def claim_trial(
@@ -228,7 +243,8 @@ def claim_trial(
 def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[int, Judged] | Claim:
     """The critical section: stale trials, halting, the schedule, then a trial taken."""
     study = view.study
-    fail_stale_trials(study)
+    if view.stale_check_due():
+        fail_stale_trials(study)
     records = view.records(spec)
     attrs = study.user_attrs
     if halt_if_failing(study, spec, view.finished_in_order()):
@@ -238,25 +254,9 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
     if (gate := _baseline_gate(study, spec, records, judged)) is not None:
         return gate
     step: Plan = plan(judged, spec, view.usage())
-    for queued in step.queue:
-        c = queued.config
-        seed = (
-            confirmation_seed(spec.seed, queued.replicate)
-            if queued.role == Role.CONFIRMATION
-            else replicate_seed(spec.seed, queued.replicate)
-        )
-        study.enqueue_trial(
-            c.params,
-            user_attrs=placement_attrs(c.config, queued.replicate, seed, queued.role),
-            skip_if_exists=False,
-        )
-        logger.info(
-            "configuration %s gets %s seed %d (#%d): %s",
-            c.config, queued.role.value, seed, queued.replicate, c.verdict,
-        )  # fmt: skip
-    if step.queue:
-        view.refresh(spec)  # the trials just queued
-    trial_id = _pop_waiting(study, view)
+    trial_id = _pop_waiting(study, view)  # queued earlier (the baseline, a re-queued trial)
+    if trial_id is None and step.queue:
+        trial_id = _start_seed(study, spec, step.queue[0])
     if trial_id is None:
         if step.new_samples <= 0:
             running = any(r.state == TrialState.RUNNING for r in records)
@@ -266,6 +266,32 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
     storage.record_heartbeat(trial_id)
     fault_point("in-claim")  # inside the transaction: a death here leaves nothing behind
     return trial_id, judged
+
+
+def _start_seed(study: optuna.Study, spec: StudySpec, queued: Queued) -> int:
+    """The schedule's first seed, created RUNNING with its configuration's values fixed.
+    Only what this claim takes is made: the schedule is planned again at every claim, so
+    the rest of its queue would be planned again by the next one anyway, and a study of
+    thousands of configurations would otherwise queue thousands of seeds at once (each an
+    Optuna trial to create, then to re-read while it waits)."""
+    c = queued.config
+    seed = (
+        confirmation_seed(spec.seed, queued.replicate)
+        if queued.role == Role.CONFIRMATION
+        else replicate_seed(spec.seed, queued.replicate)
+    )
+    template = optuna.trial.create_trial(
+        state=TrialState.RUNNING,
+        # what ``enqueue_trial`` records: the sampler's suggest returns these values
+        system_attrs={"fixed_params": dict(c.params)},
+        user_attrs=placement_attrs(c.config, queued.replicate, seed, queued.role),
+    )
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    logger.info(
+        "configuration %s gets %s seed %d (#%d): %s",
+        c.config, queued.role.value, seed, queued.replicate, c.verdict,
+    )  # fmt: skip
+    return trial_id
 
 
 def _pop_waiting(study: optuna.Study, view: StudyView) -> int | None:

@@ -17,13 +17,22 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import os
+import signal
 from collections.abc import Container
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.service.artifacts import RoutingArtifactStore, readable_store, resolve_artifacts
-from kdsearch.service.record import SystemAttr, constraints_of
+from kdsearch.service.record import (
+    StudyAttr,
+    SystemAttr,
+    TeacherFigures,
+    TrialAttr,
+    TrialRecord,
+    constraints_of,
+)
 from kdsearch.service.storage import KdsearchStorage, open_storage, redact, resolve_storage_url
 
 logger = logging.getLogger(__name__)
@@ -42,8 +51,59 @@ def with_listed_constraints(trial: FrozenTrial) -> FrozenTrial:
     return shown
 
 
+def with_answer_mark(trial: FrozenTrial, marks: dict[int, str]) -> FrozenTrial:
+    """``trial``, with ``TrialAttr.ANSWER`` when it is a seed of the study's answer."""
+    label = marks.get(trial._trial_id)
+    if label is None:
+        return trial
+    shown = copy.copy(trial)
+    shown._user_attrs = {**trial.user_attrs, TrialAttr.ANSWER: label}
+    return shown
+
+
+def answer_marks(study_attrs: dict[str, Any], trials: list[FrozenTrial]) -> dict[int, str]:
+    """The trial ids of the study's answer (every seed of its configuration), each with
+    what the answer is; empty for a study without one or not made by kdsearch. The same
+    answer ``report``, ``status``, the study note and ``export`` name (``summarize``)."""
+    from kdsearch.service.racing import aggregate
+    from kdsearch.service.spec import StudySpec
+    from kdsearch.service.summary import summarize
+
+    stored = study_attrs.get(StudyAttr.SPEC)
+    if stored is None:
+        return {}
+    spec = StudySpec.model_validate(stored)
+    records = [TrialRecord.of(t) for t in trials]
+    teacher = TeacherFigures.from_dict(study_attrs.get(StudyAttr.TEACHER))
+    summary = summarize(records, spec, aggregate(records, spec, teacher and teacher.dev_accuracy))
+    if summary.answer is None:
+        return {}
+    label = "confirmed answer" if summary.answer_confirmed else "best candidate (not confirmed)"
+    return {r.trial_id: label for r in records if r.config == summary.answer.config}
+
+
 class DashboardStorage(KdsearchStorage):
-    """kdsearch's storage as optuna-dashboard reads it (never written through it)."""
+    """kdsearch's storage as optuna-dashboard reads it (never written through it): the
+    constraints in the list format it reads, and the answer's trials marked."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # study id -> (trials, finished trials) when computed, the marks
+        self._marks: dict[int, tuple[tuple[int, int], dict[int, str]]] = {}
+
+    def _answer_marks(self, study_id: int) -> dict[int, str]:
+        trials = super().get_all_trials(study_id, deepcopy=False)
+        key = (len(trials), sum(t.state.is_finished() for t in trials))
+        cached = self._marks.get(study_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            marks = answer_marks(self.get_study_user_attrs(study_id), trials)
+        except Exception as exc:  # a display aid: the dashboard serves the study without it
+            logger.warning("cannot mark the answer of study %d: %s", study_id, exc)
+            marks = {}
+        self._marks[study_id] = (key, marks)
+        return marks
 
     def get_all_trials(
         self,
@@ -51,12 +111,25 @@ class DashboardStorage(KdsearchStorage):
         deepcopy: bool = True,
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
+        marks = self._answer_marks(study_id)
         return [
-            with_listed_constraints(t) for t in super().get_all_trials(study_id, deepcopy, states)
+            with_answer_mark(with_listed_constraints(t), marks)
+            for t in super().get_all_trials(study_id, deepcopy, states)
         ]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        return with_listed_constraints(super().get_trial(trial_id))
+        trial = super().get_trial(trial_id)
+        marks = self._answer_marks(self.study_id_of_trial(trial_id))
+        return with_answer_mark(with_listed_constraints(trial), marks)
+
+
+def _stop_now(signum: int, frame: object) -> None:
+    """SIGTERM / SIGINT: exit at once. wsgiref's request handler catches every exception,
+    SystemExit included, so raising one while a request is served would be swallowed and
+    the server would go on; the dashboard only reads, so there is nothing to clean up."""
+    logger.info("dashboard stopped (signal %d)", signum)
+    logging.shutdown()
+    os._exit(0)
 
 
 def serve(storage_url: str | None, explicit_artifacts: str | None, host: str, port: int) -> None:
@@ -76,6 +149,8 @@ def serve(storage_url: str | None, explicit_artifacts: str | None, host: str, po
     stores = [s for v in values if (s := readable_store(resolve_artifacts(v))) is not None]
     _check_port(host, port)
     logger.info("dashboard on http://%s:%d for %s", host, port, redact(url))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_now)
     run_server(storage, host=host, port=port, artifact_store=RoutingArtifactStore(stores))
 
 

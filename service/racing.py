@@ -311,14 +311,14 @@ def _sd(values: Sequence[float]) -> float | None:
 
 @functools.lru_cache(maxsize=4096)
 def t_quantile(q: float, df: float) -> float:
-    """Student's t quantile, cached: the same few (q, df) pairs come up claim after claim."""
+    """Student's t quantile, cached: the same few (q, df) pairs come up claim after claim.
+    From ``scipy.special`` (the same functions ``scipy.stats`` calls), which the prior
+    needs anyway: importing ``scipy.stats`` would add half a second to every command."""
+    from scipy.special import ndtri, stdtrit
+
     if math.isinf(df):
-        from scipy.stats import norm
-
-        return float(norm.ppf(q))
-    from scipy.stats import t
-
-    return float(t.ppf(q, df))
+        return float(ndtri(q))
+    return float(stdtrit(df, q))
 
 
 def accuracy_sd_floor(n_dev: int) -> float:
@@ -336,8 +336,7 @@ def group(records: Sequence[TrialRecord], spec: StudySpec) -> list[Configuration
     """Every configuration of the study, with its finished seeds, in the order its first
     replicate was made (not yet judged)."""
     index = ConfigurationIndex(spec)
-    for record in sorted(records, key=lambda r: r.number):
-        index.update(record)
+    index.update_many(sorted(records, key=lambda r: r.number))
     return index.configurations()
 
 
@@ -400,16 +399,25 @@ class ConfigurationIndex:
         self._inputs: Any = None
 
     def update(self, record: TrialRecord) -> None:
-        if not record.params:
-            return  # failed before its hyperparameters were drawn
-        key = record.config or config_id(record.params)
-        previous = self._key_of.get(record.number)
-        if previous is not None and previous != key:  # re-keyed (never in practice)
-            self._members[previous].pop(record.number, None)
-            self._rebuild(previous)
-        self._key_of[record.number] = key
-        self._members.setdefault(key, {})[record.number] = record
-        self._rebuild(key)
+        self.update_many([record])
+
+    def update_many(self, records: Sequence[TrialRecord]) -> None:
+        """Add or replace these trials' records; each configuration they touch is
+        rebuilt once (a whole study read at once: once per configuration, not per trial)."""
+        touched: dict[str, None] = {}  # insertion order: a configuration's first trial's
+        for record in records:
+            if not record.params or record.unsampled:
+                continue  # failed before its values were drawn, or they are being drawn
+            key = record.config or config_id(record.params)
+            previous = self._key_of.get(record.number)
+            if previous is not None and previous != key:  # re-keyed (never in practice)
+                self._members[previous].pop(record.number, None)
+                touched[previous] = None
+            self._key_of[record.number] = key
+            self._members.setdefault(key, {})[record.number] = record
+            touched[key] = None
+        for key in touched:
+            self._rebuild(key)
 
     def _rebuild(self, key: str) -> None:
         self._dirty.add(key)
@@ -729,18 +737,28 @@ def seeds_to_queue(
     reps = spec.replicates
     if reps.max_seeds == 1 or free_slots <= 0:
         return []
-    frontier = Frontier([c for c in configs if c.verdict == "feasible"])
-    order = sorted(configs, key=lambda c: (not c.baseline, c.sigma_mean if c.n else math.inf))
+    racing = reps.strategy != "all"
+    target = reps.initial_seeds if racing else reps.max_seeds
+    # Only the configurations that may still get a seed are sorted: most of a large
+    # study's have all theirs, or a verdict racing stops at.
+    open_ = [
+        c
+        for c in configs
+        if not c.pruned
+        and c.replicates < reps.max_seeds
+        and (c.replicates < target or not (c.pending or c.n == 0 or c.verdict == "infeasible"))
+    ]
+    open_.sort(key=lambda c: (not c.baseline, c.sigma_mean if c.n else math.inf))
+    frontier: Frontier | None = None  # built only when racing needs it
     queue: list[tuple[Configuration, int]] = []
-    for c in order:
-        if c.pruned or c.replicates >= reps.max_seeds:
-            continue
-        if reps.strategy == "all" or c.replicates < reps.initial_seeds:
-            target = reps.max_seeds if reps.strategy == "all" else reps.initial_seeds
+    for c in open_:
+        if c.replicates < target:
             wanted = list(range(c.replicates, target))
-        elif c.pending or c.n == 0 or c.verdict == "infeasible" or frontier.dominates(c):
-            continue
         else:
+            if frontier is None:
+                frontier = Frontier([f for f in configs if f.verdict == "feasible"])
+            if frontier.dominates(c):
+                continue
             wanted = [c.replicates]  # racing: one more seed at a time
         for k in wanted:
             if len(queue) >= free_slots:

@@ -57,6 +57,10 @@ class TrialAttr:
     # bookkeeping, prefixed: not figures
     ROLE = "kdsearch:role"  # a Role: baseline, search or confirmation
     LEGACY_BASELINE = "kdsearch:baseline"  # before roles: True on the baseline's trials
+    # Shown, never stored: ``kdsearch dashboard`` adds it to the trials of the study's
+    # answer (its configuration's seeds), "confirmed answer" or "best candidate (not
+    # confirmed)", so the dashboard names the answer report, status and export name.
+    ANSWER = "kdsearch:answer"
     CONFIG = "kdsearch:config"  # the configuration (its hyperparameters' stable hash)
     REPLICATE = "kdsearch:replicate"  # 0 for a configuration's first seed, k for its k+1-th
     SEED = "kdsearch:seed"  # the training seed of this replicate
@@ -505,6 +509,14 @@ class TrialRecord:
     @property
     def confirmation(self) -> bool:
         return self.role == Role.CONFIRMATION
+
+    @property
+    def unsampled(self) -> bool:
+        """A new sample whose values are being drawn (the worker samples them after the
+        claim's critical section, one parameter at a time, then records its
+        configuration): it belongs to no configuration yet, and its parameters so far
+        name none."""
+        return self.state == TrialState.RUNNING and self.config is None and not self.baseline
 
     def tags(self) -> dict[str, Any]:
         """Who this trial is within the study (tracking runs carry these)."""

@@ -251,6 +251,10 @@ class KdsearchStorage(optuna.storages.RDBStorage):
             ).all()
         return {i: st if isinstance(st, TrialState) else TrialState[st] for i, st in rows}
 
+    def study_id_of_trial(self, trial_id: int) -> int:
+        with _create_scoped_session(self.scoped_session) as session:
+            return int(models.TrialModel.find_or_raise_by_id(trial_id, session).study_id)
+
     def read_changed(
         self, study_id: int, after_id: int, include: Collection[int]
     ) -> list[FrozenTrial]:
@@ -273,6 +277,30 @@ def _explicit_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
     @sqlalchemy.event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN")
+
+
+def _read_attrs(conn: sqlalchemy.engine.Connection, table: Any, ids: Any) -> dict[int, dict]:
+    """One attribute table's rows of these trials, as a dict per trial id. On PostgreSQL
+    the server joins each trial's attributes into one JSON object text (one row and one
+    ``json.loads`` per trial instead of some thirty: half the time of a large study's
+    read); the values are joined as stored, not cast to ``json``, which refuses the
+    ``NaN`` Python writes for an undefined figure."""
+    out: dict[int, dict] = {}
+    if conn.dialect.name == "postgresql":
+        func = sqlalchemy.func
+        member = func.concat(func.to_json(table.key), ":", table.value_json)
+        query = (
+            sqlalchemy.select(table.trial_id, func.string_agg(member, ","))
+            .where(table.trial_id.in_(ids))
+            .group_by(table.trial_id)
+        )
+        for trial_id, joined in conn.execute(query):
+            out[trial_id] = json.loads("{" + joined + "}")
+        return out
+    query = sqlalchemy.select(table.trial_id, table.key, table.value_json)
+    for trial_id, key, raw in conn.execute(query.where(table.trial_id.in_(ids))):
+        out.setdefault(trial_id, {})[key] = json.loads(raw)
+    return out
 
 
 def read_trials(
@@ -331,14 +359,10 @@ def read_trials(
         ).where(params.trial_id.in_(ids))
     ):
         found.setdefault(trial_id, {})[name] = (internal, distribution)
-    by_kind: dict[str, dict[int, dict[str, Any]]] = {"user": {}, "system": {}}
-    for kind, table in (("user", users), ("system", system)):
-        for trial_id, key, raw in conn.execute(
-            sqlalchemy.select(table.trial_id, table.key, table.value_json).where(
-                table.trial_id.in_(ids)
-            )
-        ):
-            by_kind[kind].setdefault(trial_id, {})[key] = json.loads(raw)
+    by_kind = {
+        "user": _read_attrs(conn, users, ids),
+        "system": _read_attrs(conn, system, ids),
+    }
     parsed: dict[str, Any] = {}  # distribution JSON -> object: a study has a handful
     out = []
     for trial_id, number, state, start, complete in rows:

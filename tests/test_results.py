@@ -238,6 +238,29 @@ def _stop(server: subprocess.Popen) -> str:
     return server.communicate(timeout=10)[0]
 
 
+def test_the_dashboard_marks_the_answer_report_names(finished: dict) -> None:
+    """The dashboard's trials carry ``kdsearch:answer`` exactly on the answer's seeds, and
+    the mark follows the study (recomputed when a trial finishes, never stored)."""
+    from kdsearch.service.dashboard import DashboardStorage
+    from kdsearch.service.record import TrialAttr
+
+    storage = open_storage(finished["url"])
+    study = optuna.load_study(study_name="results", storage=storage)
+    summary = summarize_study(study, load_stored_spec(storage, "results"))
+    assert summary.answer is not None
+    shown = open_storage(finished["url"], create=False, kind=DashboardStorage)
+    marked = {
+        t.number: t.user_attrs[TrialAttr.ANSWER]
+        for t in shown.get_all_trials(study._study_id)
+        if TrialAttr.ANSWER in t.user_attrs
+    }
+    assert marked == dict.fromkeys(summary.answer.trials, "best candidate (not confirmed)")
+    one = shown.get_trial(study.trials[summary.answer.trials[0]]._trial_id)
+    assert one.user_attrs[TrialAttr.ANSWER] == "best candidate (not confirmed)"
+    # never written: Optuna's own reads do not see it
+    assert all(TrialAttr.ANSWER not in t.user_attrs for t in study.get_trials())
+
+
 def test_dashboard_started_elsewhere_warns_about_unreadable_artifacts(
     finished: dict, tmp_path: Path
 ) -> None:
@@ -250,7 +273,6 @@ def test_dashboard_started_elsewhere_warns_about_unreadable_artifacts(
     assert f"artifact folder {tmp_path / 'gone'} does not exist" in log, log
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
 def _set_keyed_constraint(url: str, trial_number: int, value: float) -> float:
     """Set trial ``trial_number``'s ``constraints:sigma`` (finished trials take no writes
     through Optuna); returns the value it had."""
@@ -273,6 +295,7 @@ def _set_keyed_constraint(url: str, trial_number: int, value: float) -> float:
     return old
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
 def test_dashboard_in_a_real_browser(finished: dict, tmp_path: Path) -> None:
     # Started from another folder, without --artifacts: the study's recorded location.
     elsewhere = tmp_path / "elsewhere"

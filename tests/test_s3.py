@@ -201,7 +201,8 @@ def test_bad_store_is_one_clear_message(s3_env: dict[str, str], s3_study: tuple[
     cases = {
         "s3://no-such-bucket/x": ({}, "cannot reach the artifact store 's3://no-such-bucket/x'"),
         f"s3://{s3_env['KDSEARCH_TEST_BUCKET']}": (
-            {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
+            # one attempt: botocore's default retries only make the same message slower
+            {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_MAX_ATTEMPTS": "1"},
             "Could not connect to the endpoint URL",
         ),
         "gs://bucket": ({}, "neither a folder nor s3://BUCKET[/PREFIX]"),

