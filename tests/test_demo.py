@@ -1,6 +1,7 @@
-"""The demo study is reproducible: the shipped `studies/demo-sst2.yaml`, on a smaller budget
-(the suite's few real SST-2 rows, shorter sequences, fewer trials), run twice with one worker each on the
-same machine, gives the same configurations, seeds, figures and answer."""
+"""The demo study is reproducible: the shipped `studies/demo-sst2.yaml`, on a smaller
+budget (the suite's few real SST-2 rows, shorter sequences, fewer trials), run twice with
+one worker each on the same machine, gives the same configurations, seeds, figures and
+answer."""
 
 from __future__ import annotations
 
