@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import logging
+import math
 import random
 import statistics
 import subprocess
@@ -66,22 +67,32 @@ OUTCOME = {name: 0.0 for name in TrialOutcome.REQUIRED} | {
 def synthetic_trials(spec, n: int, rng: random.Random) -> list:  # type: ignore[no-untyped-def]
     """N finished trials: configurations with 1-3 seeds, as racing leaves them."""
     space = spec.search_space
-    lr = space["learning_rate"]
-    distributions = {
-        "learning_rate": FloatDistribution(lr.low, lr.high, log=True),
-        "batch_size": CategoricalDistribution(tuple(space["batch_size"].choices)),
-        "epochs": IntDistribution(space["epochs"].low, space["epochs"].high),
-        "temperature": FloatDistribution(space["temperature"].low, space["temperature"].high),
-    }  # fmt: skip
+    distributions: dict = {}
+    for name, p in space.items():
+        if p.type == "categorical":
+            distributions[name] = CategoricalDistribution(tuple(p.choices))
+        elif p.type == "int":
+            distributions[name] = IntDistribution(p.low, p.high)
+        else:
+            distributions[name] = FloatDistribution(p.low, p.high, log=bool(p.log))
+
+    def draw() -> dict:
+        out = {}
+        for name, d in distributions.items():
+            if isinstance(d, CategoricalDistribution):
+                out[name] = rng.choice(d.choices)
+            elif isinstance(d, IntDistribution):
+                out[name] = rng.randint(d.low, d.high)
+            elif d.log:
+                out[name] = math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+            else:
+                out[name] = rng.uniform(d.low, d.high)
+        return out
+
     trials = []
     start = datetime.datetime(2026, 1, 1)
     while len(trials) < n:
-        params = {
-            "learning_rate": 10 ** rng.uniform(-5, -2.7),
-            "batch_size": rng.choice([16, 32]),
-            "epochs": rng.randint(2, 4),
-            "temperature": rng.uniform(1, 4),
-        }
+        params = draw()
         config, mean = config_id(params), rng.uniform(0.035, 0.09)
         for k in range(min(rng.choice([1, 1, 2, 3]), n - len(trials))):
             sigma, accuracy = max(rng.gauss(mean, 0.002), 0.001), rng.gauss(0.78, 0.005)

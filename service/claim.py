@@ -33,6 +33,7 @@ from kdsearch.service.faults import fault_point
 from kdsearch.service.racing import ConfigurationIndex, Judged
 from kdsearch.service.record import (
     StudyAttr,
+    SystemAttr,
     TeacherFigures,
     TrialAttr,
     TrialRecord,
@@ -283,7 +284,7 @@ def _start_seed(study: optuna.Study, spec: StudySpec, queued: Queued) -> int:
     template = optuna.trial.create_trial(
         state=TrialState.RUNNING,
         # what ``enqueue_trial`` records: the sampler's suggest returns these values
-        system_attrs={"fixed_params": dict(c.params)},
+        system_attrs={SystemAttr.FIXED_PARAMS: dict(c.params)},
         user_attrs=placement_attrs(c.config, queued.replicate, seed, queued.role),
     )
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)

@@ -75,7 +75,8 @@ def answer_marks(study_attrs: dict[str, Any], trials: list[FrozenTrial]) -> dict
     spec = StudySpec.model_validate(stored)
     records = [TrialRecord.of(t) for t in trials]
     teacher = TeacherFigures.from_dict(study_attrs.get(StudyAttr.TEACHER))
-    summary = summarize(records, spec, aggregate(records, spec, teacher and teacher.dev_accuracy))
+    accuracy = teacher.dev_accuracy if teacher is not None else None
+    summary = summarize(records, spec, aggregate(records, spec, accuracy))
     if summary.answer is None:
         return {}
     label = "confirmed answer" if summary.answer_confirmed else "best candidate (not confirmed)"
