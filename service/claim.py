@@ -32,13 +32,12 @@ from kdsearch.service.confirmation import Plan, Queued, Usage, plan
 from kdsearch.service.faults import fault_point
 from kdsearch.service.racing import ConfigurationIndex, Judged
 from kdsearch.service.record import (
-    StudyAttr,
     SystemAttr,
-    TeacherFigures,
     TrialAttr,
     TrialRecord,
     placement_attrs,
     set_trial_attrs,
+    teacher_accuracy,
 )
 from kdsearch.service.recovery import fail_stale_trials, halt, halt_if_failing
 from kdsearch.service.spec import StudySpec
@@ -247,11 +246,9 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
     if view.stale_check_due():
         fail_stale_trials(study)
     records = view.records(spec)
-    attrs = study.user_attrs
     if halt_if_failing(study, spec, view.finished_in_order()):
         return Claim.HALTED
-    teacher = TeacherFigures.from_dict(attrs.get(StudyAttr.TEACHER))
-    judged = view.judged(teacher.dev_accuracy if teacher else None)
+    judged = view.judged(teacher_accuracy(study.user_attrs))
     if (gate := _baseline_gate(study, spec, records, judged)) is not None:
         return gate
     step: Plan = plan(judged, spec, view.usage())

@@ -28,10 +28,10 @@ from kdsearch.service.artifacts import RoutingArtifactStore, readable_store, res
 from kdsearch.service.record import (
     StudyAttr,
     SystemAttr,
-    TeacherFigures,
     TrialAttr,
     TrialRecord,
     constraints_of,
+    teacher_accuracy,
 )
 from kdsearch.service.storage import KdsearchStorage, open_storage, redact, resolve_storage_url
 
@@ -74,9 +74,7 @@ def answer_marks(study_attrs: dict[str, Any], trials: list[FrozenTrial]) -> dict
         return {}
     spec = StudySpec.model_validate(stored)
     records = [TrialRecord.of(t) for t in trials]
-    teacher = TeacherFigures.from_dict(study_attrs.get(StudyAttr.TEACHER))
-    accuracy = teacher.dev_accuracy if teacher is not None else None
-    summary = summarize(records, spec, aggregate(records, spec, accuracy))
+    summary = summarize(records, spec, aggregate(records, spec, teacher_accuracy(study_attrs)))
     if summary.answer is None:
         return {}
     label = "confirmed answer" if summary.answer_confirmed else "best candidate (not confirmed)"
@@ -89,11 +87,12 @@ class DashboardStorage(KdsearchStorage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # study id -> (trials, finished trials) when computed, the marks
+        # study id -> ((trials, finished trials) when computed, the marks)
         self._marks: dict[int, tuple[tuple[int, int], dict[int, str]]] = {}
 
-    def _answer_marks(self, study_id: int) -> dict[int, str]:
-        trials = super().get_all_trials(study_id, deepcopy=False)
+    def _answer_marks(self, study_id: int, trials: list[FrozenTrial]) -> dict[int, str]:
+        """The marks of the study whose trials these are, computed again only when a
+        trial was added or finished since the last time."""
         key = (len(trials), sum(t.state.is_finished() for t in trials))
         cached = self._marks.get(study_id)
         if cached is not None and cached[0] == key:
@@ -112,15 +111,25 @@ class DashboardStorage(KdsearchStorage):
         deepcopy: bool = True,
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
-        marks = self._answer_marks(study_id)
-        return [
-            with_answer_mark(with_listed_constraints(t), marks)
-            for t in super().get_all_trials(study_id, deepcopy, states)
-        ]
+        # One read: the marks are computed from every trial, the answer filtered after.
+        trials = super().get_all_trials(study_id, deepcopy=False)
+        marks = self._answer_marks(study_id, trials)
+        shown = [t for t in trials if states is None or t.state in states]
+        if deepcopy:
+            shown = copy.deepcopy(shown)
+        return [with_answer_mark(with_listed_constraints(t), marks) for t in shown]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
+        # The marks of the last read of its study (the dashboard lists a study's trials
+        # before it opens one); a study not read yet is read once.
         trial = super().get_trial(trial_id)
-        marks = self._answer_marks(self.study_id_of_trial(trial_id))
+        study_id = self.study_id_of_trial(trial_id)
+        cached = self._marks.get(study_id)
+        marks = (
+            cached[1]
+            if cached is not None
+            else self._answer_marks(study_id, super().get_all_trials(study_id, deepcopy=False))
+        )
         return with_answer_mark(with_listed_constraints(trial), marks)
 
 

@@ -313,7 +313,7 @@ def _sd(values: Sequence[float]) -> float | None:
 def t_quantile(q: float, df: float) -> float:
     """Student's t quantile, cached: the same few (q, df) pairs come up claim after claim.
     From ``scipy.special`` (the same functions ``scipy.stats`` calls), which the prior
-    needs anyway: importing ``scipy.stats`` would add half a second to every command."""
+    needs anyway: importing ``scipy.stats`` too would add 0.3 s to every command."""
     from scipy.special import ndtri, stdtrit
 
     if math.isinf(df):
@@ -397,9 +397,6 @@ class ConfigurationIndex:
         self._judged: dict[str, Configuration] = {}
         self._dirty: set[str] = set()
         self._inputs: Any = None
-
-    def update(self, record: TrialRecord) -> None:
-        self.update_many([record])
 
     def update_many(self, records: Sequence[TrialRecord]) -> None:
         """Add or replace these trials' records; each configuration they touch is

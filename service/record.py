@@ -218,6 +218,12 @@ class TeacherFigures:
         return cls(float(raw["dev_accuracy"]), float(raw["train_accuracy"]), int(raw["n_dev"]))
 
 
+def teacher_accuracy(study_attrs: Mapping[str, Any]) -> float | None:
+    """The teacher's dev accuracy as the study recorded it (None before any assets)."""
+    figures = TeacherFigures.from_dict(study_attrs.get(StudyAttr.TEACHER))
+    return figures.dev_accuracy if figures else None
+
+
 @dataclass(frozen=True)
 class TrackingIds:
     """Where a trial's tracking runs are."""

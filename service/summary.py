@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from kdsearch.service.confirmation import Confirmation, answer, confirmation_of
 from kdsearch.service.racing import Configuration, Judged, aggregate
-from kdsearch.service.record import Answer, StudyAttr, TeacherFigures, TrialRecord
+from kdsearch.service.record import Answer, TrialRecord, teacher_accuracy
 from kdsearch.service.spec import DEPTH, StudySpec
 
 
@@ -37,10 +37,7 @@ def judge_study(
     records: list[TrialRecord], spec: StudySpec, study: optuna.Study | None = None
 ) -> Judged:
     """Every configuration judged against the study's teacher (as recorded) or baseline."""
-    teacher = None
-    if study is not None:
-        figures = TeacherFigures.from_dict(study.user_attrs.get(StudyAttr.TEACHER))
-        teacher = figures.dev_accuracy if figures else None
+    teacher = teacher_accuracy(study.user_attrs) if study is not None else None
     return aggregate(records, spec, teacher)
 
 

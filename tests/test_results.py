@@ -239,8 +239,8 @@ def _stop(server: subprocess.Popen) -> str:
 
 
 def test_the_dashboard_marks_the_answer_report_names(finished: dict) -> None:
-    """The dashboard's trials carry ``kdsearch:answer`` exactly on the answer's seeds, and
-    the mark follows the study (recomputed when a trial finishes, never stored)."""
+    """The dashboard's trials carry ``kdsearch:answer`` exactly on the answer's seeds, in
+    a listing and in a single trial, and the mark is never stored."""
     from kdsearch.service.dashboard import DashboardStorage
     from kdsearch.service.record import TrialAttr
 
@@ -257,6 +257,10 @@ def test_the_dashboard_marks_the_answer_report_names(finished: dict) -> None:
     assert marked == dict.fromkeys(summary.answer.trials, "best candidate (not confirmed)")
     one = shown.get_trial(study.trials[summary.answer.trials[0]]._trial_id)
     assert one.user_attrs[TrialAttr.ANSWER] == "best candidate (not confirmed)"
+    fresh = open_storage(finished["url"], create=False, kind=DashboardStorage)  # no listing yet
+    other = next(t for t in study.trials if t.number not in summary.answer.trials)
+    assert TrialAttr.ANSWER not in fresh.get_trial(other._trial_id).user_attrs
+    assert TrialAttr.ANSWER in fresh.get_trial(one._trial_id).user_attrs
     # never written: Optuna's own reads do not see it
     assert all(TrialAttr.ANSWER not in t.user_attrs for t in study.get_trials())
 
