@@ -3,16 +3,23 @@ has a configuration confirmed feasible on held-out seeds, at equal budget.
 
 Setup: the demo's models on fewer rows, so that 9+ studies fit in an hour of a 2-core CPU:
 the MiniLM-L6 teacher fine-tuned by kdsearch on ``--train-limit`` real SST-2 rows, the
-student its first 2 fine-tuned layers, stage 2 only, bf16; kappa 0.05 and a drop of at
-most 1 point against the baseline's student; racing (up to 3 seeds), then 3 held-out seeds
-(``confirm_seeds: 3``, 2 candidates). Every study shares one teacher and one list of
+student its first 2 fine-tuned layers, stage 2 only, bf16; kappa 0.10 and a drop of at
+most 1 point against the baseline's student (on 600 training rows no configuration's
+sigma comes near the paper's 0.05: measured, 0.07-0.09 for the trained ones and 0.18 for
+the baseline, so 0.05 would leave every study unconfirmed and the samplers
+indistinguishable); racing (up to 3 seeds), then 3 held-out seeds (``confirm_seeds: 3``,
+2 candidates), 16 trials in all. ``confirm_precision: 0.25`` (held-out sigma within
++-0.025): seed noise on 600 rows is 0.008-0.015 in sigma, and three held-out seeds cannot
+pin it to the default +-0.01. Every study shares one teacher and one list of
 training seeds (``seed: 42``); only the sampler and its seed change. One worker each, so a
 study is reproducible on this machine kind.
 
     .venv/bin/python experiments/sampler_comparison.py --sampler-seeds 3 --out docs/...
 
-"Trials to a confirmed answer" counts every trial the study ran until it stopped with one
-(search seeds, baseline and held-out seeds); "not within N" when the budget ran out first.
+"Trials to the confirmed configuration" is the number of trials the study had run when it first
+sampled the configuration it later confirmed (its first search seed's trial number + 1, the
+baseline included); "not confirmed" when no configuration passed its held-out seeds within the
+budget. "Trials run" counts every finished trial (search seeds, baseline and held-out seeds).
 """
 
 from __future__ import annotations
@@ -54,10 +61,15 @@ def spec(sampler: str, sampler_seed: int, budget: int, train_limit: int) -> Stud
             "temperature": {"type": "float", "low": 1.0, "high": 4.0},
         },
         "defaults": {"learning_rate": 3e-4, "batch_size": 32, "epochs": 3, "temperature": 1.0},
-        "thresholds": {"accuracy_reference": "baseline"},
+        "thresholds": {"accuracy_reference": "baseline", "sigma_max": 0.10},
         "n_trials": budget,
         "seed": 42,
-        "replicates": {"max_seeds": 3, "confirm_seeds": 3, "confirm_candidates": 2},
+        "replicates": {
+            "max_seeds": 3,
+            "confirm_seeds": 3,
+            "confirm_candidates": 2,
+            "confirm_precision": 0.25,
+        },
         "sampler": {"name": sampler, "n_startup_trials": 4, "seed": sampler_seed},
         "pruning": {"rule": "none", "probe_size": 500},
     }
@@ -77,6 +89,7 @@ def one_study(s: StudySpec, workdir: Path) -> dict[str, Any]:
     return {
         "trials": len(ran),
         "confirmed": confirmed,
+        "found_at": min(answer["trials"]) + 1 if confirmed else None,
         "configurations": len({r.config for r in ran}),
         "answer": answer,
         "elapsed_s": elapsed,
@@ -86,7 +99,7 @@ def one_study(s: StudySpec, workdir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sampler-seeds", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=24)
+    parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--train-limit", type=int, default=600)
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--workdir", type=Path, default=ROOT / "experiments" / "out" / "samplers")
@@ -98,9 +111,9 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = [
-        "| sampler | sampler seed | trials to a confirmed answer | configurations tried | "
-        "answer: held-out sigma, drop | study time |",
-        "|---|---|---|---|---|---|",
+        "| sampler | sampler seed | trials to the confirmed configuration | trials run | "
+        "configurations tried | answer: held-out sigma, drop | study time |",
+        "|---|---|---|---|---|---|---|",
     ]
     found: dict[str, list[int]] = {s: [] for s in args.samplers}
     for sampler_seed in range(100, 100 + args.sampler_seeds):
@@ -108,15 +121,15 @@ def main() -> None:
             r = one_study(spec(sampler, sampler_seed, args.budget, args.train_limit), args.workdir)
             a = r["answer"]
             if r["confirmed"]:
-                found[sampler].append(r["trials"])
-                trials = str(r["trials"])
+                found[sampler].append(r["found_at"])
+                trials = str(r["found_at"])
                 figures = f"{a['sigma']:.4f}, {a['accuracy_drop']:.4f}"
             else:
-                trials = f"not within {args.budget}"
+                trials = "not confirmed"
                 figures = "-"
             rows.append(
-                f"| {sampler} | {sampler_seed} | {trials} | {r['configurations']} | {figures} | "
-                f"{r['elapsed_s'] / 60:.1f} min |"
+                f"| {sampler} | {sampler_seed} | {trials} | {r['trials']} | "
+                f"{r['configurations']} | {figures} | {r['elapsed_s'] / 60:.1f} min |"
             )
             logger.info(rows[-1])
     rows.append("")

@@ -721,6 +721,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop = GracefulStop()
             with stop.installed():
                 return _worker(args, stop)
+        if command in (("status", None), ("report", None)) and not getattr(args, "watch", None):
+            # One read, one table, then exit: nothing for the cyclic collector to free,
+            # but a large study's records for it to walk (``paused_gc``).
+            from kdsearch.service.summary import paused_gc
+
+            with paused_gc():
+                return HANDLERS[command](args)
         return HANDLERS[command](args)
     except KdsearchError as exc:
         # A problem the user can fix: one clear message, no traceback, no timestamp.

@@ -184,10 +184,14 @@ class StudyView:
     def usage(self) -> Usage:
         return Usage(*self._usage)
 
+    def unfinished(self) -> list[TrialRecord]:
+        """The queued and running trials (from the last refresh)."""
+        return [self._records[i] for i in self._unfinished]
+
     def waiting(self) -> list[TrialRecord]:
         """The queued trials, oldest first (from the last refresh)."""
-        queued = (self._records[i] for i in self._unfinished)
-        return sorted((r for r in queued if r.state == TrialState.WAITING), key=lambda r: r.number)
+        queued = (r for r in self.unfinished() if r.state == TrialState.WAITING)
+        return sorted(queued, key=lambda r: r.number)
 
     def judged(self, teacher_accuracy: float | None) -> Judged:
         assert self.index is not None, "refresh() first"
@@ -245,19 +249,20 @@ def _take(view: StudyView, spec: StudySpec, storage: KdsearchStorage) -> tuple[i
     study = view.study
     if view.stale_check_due():
         fail_stale_trials(study)
-    records = view.records(spec)
-    if halt_if_failing(study, spec, view.finished_in_order()):
+    view.refresh(spec)
+    attrs = study.user_attrs  # read once: the halt, the teacher's figures
+    if halt_if_failing(study, spec, view.finished_in_order(), attrs):
         return Claim.HALTED
-    judged = view.judged(teacher_accuracy(study.user_attrs))
-    if (gate := _baseline_gate(study, spec, records, judged)) is not None:
+    judged = view.judged(teacher_accuracy(attrs))
+    if (gate := _baseline_gate(study, spec, view, judged)) is not None:
         return gate
-    step: Plan = plan(judged, spec, view.usage())
+    step: Plan = plan(judged, spec, view.usage(), limit=1)  # the claim takes one seed
     trial_id = _pop_waiting(study, view)  # queued earlier (the baseline, a re-queued trial)
     if trial_id is None and step.queue:
         trial_id = _start_seed(study, spec, step.queue[0])
     if trial_id is None:
         if step.new_samples <= 0:
-            running = any(r.state == TrialState.RUNNING for r in records)
+            running = any(r.state == TrialState.RUNNING for r in view.unfinished())
             return Claim.WAIT if running else Claim.DONE
         trial_id = study._storage.create_new_trial(study._study_id)
         set_trial_attrs(storage, trial_id, {TrialAttr.ROLE: Role.SEARCH.value})
@@ -306,17 +311,17 @@ def _pop_waiting(study: optuna.Study, view: StudyView) -> int | None:
 
 
 def _baseline_gate(
-    study: optuna.Study, spec: StudySpec, records: list[TrialRecord], judged: Judged
+    study: optuna.Study, spec: StudySpec, view: StudyView, judged: Judged
 ) -> Claim | None:
     """With ``accuracy_reference: baseline`` every trial's drop is measured against the
     baseline's students, so nothing but the baseline runs until one of its seeds has
     finished: None lets the claim go on, a ``Claim`` says why not."""
     if spec.thresholds.accuracy_reference != "baseline" or judged.reference.accuracy is not None:
         return None
-    waiting = sorted((r for r in records if r.state == TrialState.WAITING), key=lambda r: r.number)
+    waiting = view.waiting()
     if waiting and waiting[0].baseline:
         return None  # the next claim takes the baseline
-    baselines = [r for r in records if r.baseline]
+    baselines = [r for r in view.records() if r.baseline]
     if any(r.state in (TrialState.RUNNING, TrialState.WAITING) for r in baselines):
         return Claim.WAIT
     halt(

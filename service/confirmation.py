@@ -43,11 +43,13 @@ from kdsearch.service.racing import (
     Configuration,
     Interval,
     Judged,
+    Shortlists,
     accuracy_sd_floor,
     drop_interval,
     interval,
     noise_of,
     seeds_to_queue,
+    shortlists,
 )
 from kdsearch.service.record import Answer
 from kdsearch.service.spec import StudySpec
@@ -167,14 +169,17 @@ class Usage:
     unsampled: int = 0
 
 
-def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
+def plan(judged: Judged, spec: StudySpec, usage: Usage, limit: int | None = None) -> Plan:
     """The study's next step: racing seeds and new samples while the search has budget,
-    then held-out seeds for the best candidate, until one is confirmed."""
+    then held-out seeds for the best candidate, until one is confirmed. ``limit``: plan at
+    most this many racing seeds (a claim takes one: the rest would be planned again by
+    the next claim); ``new_samples`` then counts only when the queue is empty."""
     reps = spec.replicates
     k, m = reps.confirm_seeds, reps.confirm_candidates
+    lists = shortlists(judged, spec)
     if k == 0:  # no confirmation: the search has the whole budget
-        return _search(judged, spec, spec.n_trials - usage.search, usage)
-    tried = [c for c in judged if c.confirmations > 0]
+        return _search(lists, spec, spec.n_trials - usage.search, usage, limit)
+    tried = lists.tried
     results = [confirmation_of(c, judged, spec) for c in tried]
     if any(r.confirmed for r in results):
         return Plan("done", [], 0)
@@ -190,7 +195,7 @@ def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
     left = m - len(tried) - given_back
     allowance = base + given_back * k
     if usage.search < allowance:
-        return _search(judged, spec, allowance - usage.search, usage)
+        return _search(lists, spec, allowance - usage.search, usage, limit)
     if usage.search_busy:
         return Plan("search", [], 0)  # the search's last trials: the candidate waits for them
     if left <= 0:
@@ -203,10 +208,10 @@ def plan(judged: Judged, spec: StudySpec, usage: Usage) -> Plan:
     free = min(k, spec.n_trials - usage.search - usage.confirmation)
     if free <= 0:
         return Plan("done", [], 0)
-    return _search(judged, spec, free, usage)
+    return _search(lists, spec, free, usage, limit)
 
 
-def _search(judged: Judged, spec: StudySpec, free: int, usage: Usage) -> Plan:
+def _search(lists: Shortlists, spec: StudySpec, free: int, usage: Usage, limit: int | None) -> Plan:
     """The search's step with ``free`` slots: racing seeds first, then new samples. Each
     new sample not yet sampled keeps the seeds its strategy will ask for once its
     configuration is known (else a second worker would spend them on yet another sample,
@@ -214,7 +219,8 @@ def _search(judged: Judged, spec: StudySpec, free: int, usage: Usage) -> Plan:
     reps = spec.replicates
     per_sample = reps.max_seeds if reps.strategy == "all" else reps.initial_seeds
     free -= usage.unsampled * (per_sample - 1)
-    queue = [Queued(c, r, _role(c)) for c, r in seeds_to_queue(judged.configurations, spec, free)]
+    slots = free if limit is None else min(free, limit)
+    queue = [Queued(c, r, _role(c)) for c, r in seeds_to_queue([], spec, slots, lists)]
     return Plan("search", queue, max(0, free - len(queue)))
 
 

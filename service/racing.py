@@ -208,7 +208,7 @@ class Pool:
     accuracy_floor: float = 0.0
 
     def prior(self, without: str | None = None) -> Prior | None:
-        kept = [m for m in self.members if m[0] != without]
+        kept = self.members if without is None else [m for m in self.members if m[0] != without]
         sigma = fit_prior([(m[2], m[1]) for m in kept], SIGMA_SD_FLOOR)
         accuracy = fit_prior([(m[3], m[1]) for m in kept], self.accuracy_floor)
         if sigma is None or accuracy is None:
@@ -228,21 +228,39 @@ def fit_prior(variances: Sequence[tuple[float, int]], floor: float) -> tuple[flo
     Rounded (``s0^2`` to 2 significant digits, ``d0`` to 0.1): far finer than the prior's
     own uncertainty, and a study of thousands of configurations then keeps one prior from
     claim to claim, so their verdicts are not recomputed each time (``ConfigurationIndex``)."""
-    if len(variances) < MIN_PRIOR_CONFIGS:
+    n = len(variances)
+    if n < MIN_PRIOR_CONFIGS:
         return None
-    import numpy as np
-    from scipy.special import digamma, polygamma
+    from scipy.special import digamma
 
-    var = np.array([v for v, _ in variances], dtype=np.float64)
-    half_df = np.array([d for _, d in variances], dtype=np.float64) / 2
-    e = np.log(np.maximum(var, max(floor**2, 1e-30))) - digamma(half_df) + np.log(half_df)
-    mean = float(e.mean())
-    excess = float(e.var(ddof=1)) - float(polygamma(1, half_df).mean())
+    # The per-configuration terms depend on df only through a few functions of it, and
+    # a study's configurations have a handful of distinct df (their seeds, minus one).
+    low = max(floor**2, 1e-30)
+    e = [math.log(max(v, low)) - _log_chi2_bias(d) for v, d in variances]
+    mean = math.fsum(e) / n
+    e_var = math.fsum((x - mean) ** 2 for x in e) / (n - 1)
+    excess = e_var - math.fsum(_trigamma_half(d) for _, d in variances) / n
     if excess <= 0:
         return _round_prior(math.exp(mean), PRIOR_DF)
     d0 = 2 * trigamma_inverse(excess)
     s0 = math.exp(mean + float(digamma(d0 / 2)) - math.log(d0 / 2))
     return _round_prior(s0, min(d0, PRIOR_DF))
+
+
+@functools.lru_cache(maxsize=256)
+def _log_chi2_bias(df: float) -> float:
+    """E[log s^2] - log sigma^2 for a sample variance on ``df`` degrees of freedom."""
+    from scipy.special import digamma
+
+    return float(digamma(df / 2)) - math.log(df / 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _trigamma_half(df: float) -> float:
+    """Var[log s^2] on ``df`` degrees of freedom: trigamma(df / 2)."""
+    from scipy.special import polygamma
+
+    return float(polygamma(1, df / 2))
 
 
 def _round_prior(var: float, df: float) -> tuple[float, float]:
@@ -268,6 +286,35 @@ def trigamma_inverse(x: float) -> float:
 
 
 @dataclass(frozen=True)
+class Shortlists:
+    """The few configurations the schedule looks at, so that a claim does not pass over
+    all of a large study's: the ``open`` ones in racing order (``is_open``,
+    ``racing_order``), the ``feasible`` ones (which may dominate them), and the ``tried``
+    ones (with held-out seeds), each in configuration order but ``open``."""
+
+    open: list[Configuration]
+    feasible: list[Configuration]
+    tried: list[Configuration]
+    frontier: Frontier | None = None  # of ``feasible``, where the index keeps one
+
+    def dominating(self) -> Frontier:
+        return self.frontier or Frontier(self.feasible)
+
+    @classmethod
+    def of(cls, configs: Sequence[Configuration], spec: StudySpec) -> Shortlists:
+        return cls(
+            open=sorted((c for c in configs if is_open(c, spec)), key=racing_order),
+            feasible=[c for c in configs if c.verdict == "feasible"],
+            tried=[c for c in configs if c.confirmations],
+        )
+
+
+def shortlists(judged: Judged, spec: StudySpec) -> Shortlists:
+    """``judged``'s shortlists: kept by its index, or found in its configurations."""
+    return judged.shortlists or Shortlists.of(judged.configurations, spec)
+
+
+@dataclass(frozen=True)
 class Judged:
     """Every configuration with its verdict, and what they were judged against."""
 
@@ -275,6 +322,8 @@ class Judged:
     reference: Reference
     pool: Pool
     n_dev: int = 1  # dev rows: the accuracy's resolution
+    # Kept by ``ConfigurationIndex`` as configurations change; else found in the list.
+    shortlists: Shortlists | None = None
 
     def __iter__(self) -> Any:
         return iter(self.configurations)
@@ -397,6 +446,15 @@ class ConfigurationIndex:
         self._judged: dict[str, Configuration] = {}
         self._dirty: set[str] = set()
         self._inputs: Any = None
+        # The shortlists, kept as verdicts change: the open configurations sorted by
+        # (racing order, position), the feasible and the tried ones by key.
+        self._seq: dict[str, int] = {}  # a configuration's position (its first trial's)
+        self._next_seq = 0
+        self._open: list[tuple[tuple[bool, float], int, str]] = []
+        self._open_entry: dict[str, tuple[tuple[bool, float], int, str]] = {}
+        self._feasible: dict[str, Configuration] = {}
+        self._tried: dict[str, Configuration] = {}
+        self._frontier: Frontier | None = None  # of ``_feasible``; None: to build again
 
     def update_many(self, records: Sequence[TrialRecord]) -> None:
         """Add or replace these trials' records; each configuration they touch is
@@ -421,9 +479,13 @@ class ConfigurationIndex:
         members = self._members.get(key)
         if not members:
             self._configs.pop(key, None)
+            self._seq.pop(key, None)
             if self._pooled.pop(key, None) is not None:
                 self._pool_version += 1
             return
+        if key not in self._seq:
+            self._seq[key] = self._next_seq
+            self._next_seq += 1
         trials = [members[n] for n in sorted(members)]
         c = self._configs[key] = configuration_of(key, trials, self.spec.seed)
         if c.baseline:
@@ -455,6 +517,9 @@ class ConfigurationIndex:
                 k: _judge(c, spec, reference, prior, floors) for k, c in self._configs.items()
             }
             self._inputs = inputs
+            self._open, self._open_entry = [], {}
+            self._feasible, self._tried, self._frontier = {}, {}, None
+            changed: Any = self._judged
         else:
             for key in self._dirty:
                 c = self._configs.get(key)
@@ -462,8 +527,37 @@ class ConfigurationIndex:
                     self._judged.pop(key, None)
                 else:
                     self._judged[key] = _judge(c, spec, reference, prior, floors)
+            changed = self._dirty
+        for key in changed:
+            self._shortlist(key)
         self._dirty.clear()
-        return Judged(list(self._judged.values()), reference, pool, n_dev)
+        if self._frontier is None:
+            self._frontier = Frontier(list(self._feasible.values()))
+        lists = Shortlists(
+            open=[self._judged[e[2]] for e in self._open],
+            feasible=list(self._feasible.values()),
+            tried=sorted(self._tried.values(), key=lambda c: self._seq[c.config]),
+            frontier=self._frontier,
+        )
+        return Judged(list(self._judged.values()), reference, pool, n_dev, lists)
+
+    def _shortlist(self, key: str) -> None:
+        """``key``'s place in the shortlists, from its new verdict."""
+        c = self._judged.get(key)
+        entry = self._open_entry.pop(key, None)
+        if entry is not None:
+            del self._open[bisect.bisect_left(self._open, entry)]
+        if c is not None and is_open(c, self.spec):
+            entry = self._open_entry[key] = (racing_order(c), self._seq[key], key)
+            bisect.insort(self._open, entry)
+        if self._feasible.pop(key, None) is not None:
+            self._frontier = None
+        if c is not None and c.verdict == "feasible":
+            self._feasible[key] = c
+            self._frontier = None
+        self._tried.pop(key, None)
+        if c is not None and c.confirmations:
+            self._tried[key] = c
 
 
 def aggregate(
@@ -726,34 +820,52 @@ class Frontier:
         return dominated(c, [x[2] for x in self._bounded[:k]])  # ties: check strictness
 
 
+def _initial_target(spec: StudySpec) -> int:
+    reps = spec.replicates
+    return reps.initial_seeds if reps.strategy != "all" else reps.max_seeds
+
+
+def is_open(c: Configuration, spec: StudySpec) -> bool:
+    """Whether ``c`` may get another search seed (racing then asks whether a feasible
+    configuration dominates it): short of its initial seeds, or with all of them finished
+    and not infeasible, below ``max_seeds``, not pruned. Most of a large study's
+    configurations are not: they have all their seeds, or a verdict racing stops at."""
+    reps = spec.replicates
+    if reps.max_seeds == 1 or c.pruned or c.replicates >= reps.max_seeds:
+        return False
+    if c.replicates < _initial_target(spec):
+        return True
+    return not (c.pending or c.n == 0 or c.verdict == "infeasible")
+
+
+def racing_order(c: Configuration) -> tuple[bool, float]:
+    """The order seeds are queued in: the baseline first, then by mean sigma."""
+    return (not c.baseline, c.sigma_mean if c.n else math.inf)
+
+
 def seeds_to_queue(
-    configs: Sequence[Configuration], spec: StudySpec, free_slots: int
+    configs: Sequence[Configuration],
+    spec: StudySpec,
+    free_slots: int,
+    lists: Shortlists | None = None,
 ) -> list[tuple[Configuration, int]]:
     """The search replicates to queue now, as (configuration, replicate index), at most
-    ``free_slots``: the baseline first, then by mean sigma."""
+    ``free_slots``: the baseline first, then by mean sigma. ``lists``: ``configs``'
+    shortlists where an index keeps them (else found here)."""
     reps = spec.replicates
     if reps.max_seeds == 1 or free_slots <= 0:
         return []
-    racing = reps.strategy != "all"
-    target = reps.initial_seeds if racing else reps.max_seeds
-    # Only the configurations that may still get a seed are sorted: most of a large
-    # study's have all theirs, or a verdict racing stops at.
-    open_ = [
-        c
-        for c in configs
-        if not c.pruned
-        and c.replicates < reps.max_seeds
-        and (c.replicates < target or not (c.pending or c.n == 0 or c.verdict == "infeasible"))
-    ]
-    open_.sort(key=lambda c: (not c.baseline, c.sigma_mean if c.n else math.inf))
+    target = _initial_target(spec)
+    if lists is None:
+        lists = Shortlists.of(configs, spec)
     frontier: Frontier | None = None  # built only when racing needs it
     queue: list[tuple[Configuration, int]] = []
-    for c in open_:
+    for c in lists.open:
         if c.replicates < target:
             wanted = list(range(c.replicates, target))
         else:
             if frontier is None:
-                frontier = Frontier([f for f in configs if f.verdict == "feasible"])
+                frontier = lists.dominating()
             if frontier.dominates(c):
                 continue
             wanted = [c.replicates]  # racing: one more seed at a time

@@ -14,7 +14,8 @@ trials keep failing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -105,11 +106,14 @@ def halt_if_failing(
     study: optuna.Study,
     spec: StudySpec,
     finished: Sequence[TrialRecord],
+    attrs: Mapping[str, Any] | None = None,
 ) -> bool:
     """Whether the study is halted; halts it when the latest failures in a row reach
-    ``reliability.max_failures_in_a_row``. ``finished``: in completion order. Callers
-    hold the study's critical section."""
-    attrs = study.user_attrs
+    ``reliability.max_failures_in_a_row``. ``finished``: in completion order; ``attrs``:
+    the study's user attrs, where the caller has read them. Callers hold the study's
+    critical section."""
+    if attrs is None:
+        attrs = study.user_attrs
     if attrs.get(StudyAttr.HALTED):
         return True
     streak = failure_streak(finished, after=attrs.get(StudyAttr.UNHALTED_AFTER, -1))

@@ -48,6 +48,8 @@ def _finite(value: float | None) -> float | None:
 
 
 def _cell(value: Any) -> str:
+    if type(value) is str:  # most cells: a table of 10,000 trials has some 350,000
+        return value
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -66,10 +68,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "(no trials)"
     headers = list(rows[0])
     cells = [[_cell(r[h]) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    columns = zip(*cells, strict=True)
+    widths = [max(len(h), *map(len, column)) for h, column in zip(headers, columns, strict=True)]
+    # one format string per row: a column at a time would cost as many calls as cells
+    template = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [template.format(*headers), "  ".join("-" * w for w in widths)]
+    lines += [template.format(*row) for row in cells]
     return "\n".join(lines)
 
 

@@ -105,6 +105,41 @@ class KdsearchStorage(optuna.storages.RDBStorage):
         if self.engine.name == "sqlite":
             _explicit_sqlite_transactions(self.engine)
 
+    # --- new trials ------------------------------------------------------------------------
+
+    def _get_prepared_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None, session: Session
+    ) -> models.TrialModel:
+        """A new trial from a template of attributes only (the claim's seeds): Optuna
+        writes each attribute with a read of the trial and an upsert, two statements per
+        attribute under the study's lock; a trial just inserted has none, so they go in
+        one insert per table. Any other template is Optuna's own."""
+        t = template_trial
+        if t is None or t.values or t.params or t.intermediate_values:
+            return super()._get_prepared_new_trial(study_id, t, session)  # type: ignore[no-any-return]
+        trial = models.TrialModel(
+            study_id=study_id,
+            number=None,
+            state=t.state,
+            datetime_start=t.datetime_start,
+            datetime_complete=t.datetime_complete,
+        )
+        session.add(trial)
+        session.flush()  # its id, for the attributes
+        for model, attrs in (
+            (models.TrialUserAttributeModel, t.user_attrs),
+            (models.TrialSystemAttributeModel, t.system_attrs),
+        ):
+            if attrs:
+                rows = [
+                    {"trial_id": trial.trial_id, "key": k, "value_json": json.dumps(v)}
+                    for k, v in attrs.items()
+                ]
+                session.execute(sqlalchemy.insert(model), rows)
+        trial.number = trial.count_past_trials(session)
+        session.add(trial)
+        return trial
+
     # --- outages --------------------------------------------------------------------------
 
     def _note_error(self, context: Any) -> None:

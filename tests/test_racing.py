@@ -405,3 +405,63 @@ def test_the_harness_drives_the_rules_and_separates_them() -> None:
     assert rows["confirmed"].wrong_of_studies == 0.0
     assert abs(rows["confirmed"].sigma_bias) < 0.001
     assert rows["confirmed"].confirmation_trials > 0
+
+
+def test_the_index_keeps_the_shortlists_and_plans_what_a_full_pass_plans() -> None:
+    """``ConfigurationIndex`` keeps the open, feasible and tried configurations as trials
+    arrive (the claim's O(changes) path); after every trial they, the verdicts and the
+    claim's plan (``limit=1``) must equal a full pass over the same records."""
+    import random
+
+    from kdsearch.service.racing import ConfigurationIndex, Shortlists
+
+    rng = random.Random(3)
+    s = spec(n_trials=400, confirm_seeds=2, confirm_candidates=2)
+    index = ConfigurationIndex(s)
+    records: list[TrialRecord] = []
+    means = {f"c{i}": rng.choice([0.03, 0.045, 0.05, 0.06, 0.12]) for i in range(40)}
+    seen: dict[tuple[str, Role], int] = {}
+    running: list[int] = []
+    for step in range(260):
+        if running and rng.random() < 0.5:  # a running trial finishes (or its worker dies)
+            i = running.pop(rng.randrange(len(running)))
+            old = records[i]
+            state = TrialState.COMPLETE if rng.random() < 0.9 else TrialState.FAIL
+            done = state == TrialState.COMPLETE
+            sigma = max(rng.gauss(means[old.config], 0.003), 0.001) if done else None
+            accuracy = rng.gauss(TEACHER - 0.004, 0.003) if done else None
+            records[i] = synthetic_record(
+                i, old.config, old.role, old.replicate, old.seed, state, sigma, accuracy
+            )
+        else:  # a new trial starts: a configuration's next seed, search or held out
+            config = f"c{rng.randrange(40)}"
+            role = Role.CONFIRMATION if rng.random() < 0.1 else Role.SEARCH
+            k = seen.get((config, role), 0)
+            seen[(config, role)] = k + 1
+            seed = (confirmation_seed if role == Role.CONFIRMATION else replicate_seed)(7, k)
+            records.append(
+                synthetic_record(len(records), config, role, k, seed, TrialState.RUNNING)
+            )
+            i = len(records) - 1
+            running.append(i)
+        index.update_many([records[i]])
+        kept = index.judge(TEACHER, 872)
+        full = aggregate(records, s, TEACHER)
+        assert [(c.config, c.verdict) for c in kept] == [(c.config, c.verdict) for c in full]
+        lists, expected = kept.shortlists, Shortlists.of(full.configurations, s)
+        assert lists is not None
+        for name in ("open", "feasible", "tried"):
+            got = [c.config for c in getattr(lists, name)]
+            want = [c.config for c in getattr(expected, name)]
+            assert (sorted(got) if name == "feasible" else got) == (
+                sorted(want) if name == "feasible" else want
+            ), (step, name)
+        usage = Usage(search=len(records), confirmation=0, search_busy=len(running))
+        fast, slow = plan(kept, s, usage, limit=1), plan(full, s, usage)
+        assert fast.phase == slow.phase
+        assert [(q.config.config, q.replicate) for q in fast.queue] == [
+            (q.config.config, q.replicate) for q in slow.queue[:1]
+        ], step
+        if not slow.queue:
+            assert fast.new_samples == slow.new_samples
+    assert lists.open and lists.feasible and lists.tried  # every list was exercised
