@@ -289,8 +289,8 @@ def trigamma_inverse(x: float) -> float:
 class Shortlists:
     """The few configurations the schedule looks at, so that a claim does not pass over
     all of a large study's: the ``open`` ones in racing order (``is_open``,
-    ``racing_order``), the ``feasible`` ones (which may dominate them), and the ``tried``
-    ones (with held-out seeds), each in configuration order but ``open``."""
+    ``racing_order``), the ``feasible`` ones (which may dominate them; in no particular
+    order), and the ``tried`` ones (with held-out seeds, in configuration order)."""
 
     open: list[Configuration]
     feasible: list[Configuration]
