@@ -6,12 +6,15 @@ Every database connection kdsearch makes is opened here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -270,8 +273,13 @@ class KdsearchStorage(optuna.storages.RDBStorage):
     def read_study(self, study_id: int) -> list[FrozenTrial]:
         """Every trial of a study in one pass (five queries, not one per trial): what
         ``status``, ``report`` and the study note read. Optuna's own read builds its ORM
-        objects row by row, which takes seconds at 10,000 trials."""
-        return read_trials(self.engine, study_id)
+        objects row by row, which takes seconds at 10,000 trials. On PostgreSQL the user
+        attributes (most of the rows) are read on a second connection while this one reads
+        the rest, both in one snapshot (``_snapshot_pair``)."""
+        if self.engine.dialect.name != "postgresql":
+            return read_trials(self.engine, study_id)
+        with _snapshot_pair(self.engine) as (conn, side):
+            return read_trials(conn, study_id, side=side)
 
     def read_states(self, trial_ids: Collection[int]) -> dict[int, TrialState]:
         """The states of these trials, in one query (through this thread's session)."""
@@ -338,28 +346,43 @@ def _read_attrs(conn: sqlalchemy.engine.Connection, table: Any, ids: Any) -> dic
     return out
 
 
+_SNAPSHOT_ID = re.compile(r"[0-9A-F-]+")
+
+
+@contextlib.contextmanager
+def _snapshot_pair(
+    engine: sqlalchemy.engine.Engine,
+) -> Iterator[tuple[sqlalchemy.engine.Connection, sqlalchemy.engine.Connection]]:
+    """Two PostgreSQL connections reading one snapshot of the database (the first exports
+    it, the second imports it, as ``pg_dump --jobs`` does): queries split between them see
+    the same trials, whatever workers write meanwhile."""
+    read = {"isolation_level": "REPEATABLE READ"}
+    with engine.connect().execution_options(**read) as conn, conn.begin():
+        snapshot = conn.execute(sqlalchemy.text("SELECT pg_export_snapshot()")).scalar_one()
+        if not _SNAPSHOT_ID.fullmatch(snapshot):
+            raise ValueError(f"unexpected snapshot id {snapshot!r} from pg_export_snapshot()")
+        with engine.connect().execution_options(**read) as side, side.begin():
+            side.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            yield conn, side
+
+
 def read_trials(
     source: sqlalchemy.engine.Engine | sqlalchemy.engine.Connection,
     study_id: int,
     after_id: int = -1,
     include: Collection[int] = (),
+    side: sqlalchemy.engine.Connection | None = None,
 ) -> list[FrozenTrial]:
     """``FrozenTrial``s of ``study_id`` from five bulk queries: every trial, or (``after_id``
     and ``include``) only those with an id above ``after_id`` or in ``include`` (what a
     cache of the study needs to be current: the new trials, and the unfinished ones it
     holds). ``source``: an engine, or a connection (a critical section's, to see its own
-    writes)."""
+    writes). ``side``: a second connection in the same snapshot, which reads the user
+    attributes in a thread meanwhile."""
     if isinstance(source, sqlalchemy.engine.Engine):
         with source.connect() as conn:
             return read_trials(conn, study_id, after_id, include)
-    import optuna.distributions as dist
-
-    trial, value = models.TrialModel, models.TrialValueModel
-    params, users, system = (
-        models.TrialParamModel,
-        models.TrialUserAttributeModel,
-        models.TrialSystemAttributeModel,
-    )
+    trial, users = models.TrialModel, models.TrialUserAttributeModel
     conn = source
     wanted: Any = trial.study_id == study_id
     if after_id >= 0 or include:
@@ -381,6 +404,29 @@ def read_trials(
         if len(rows) <= 500
         else sqlalchemy.select(trial.trial_id).where(wanted)
     )
+    if side is None:
+        user_attrs = _read_attrs(conn, users, ids)
+        return _assemble(conn, rows, ids, lambda: user_attrs)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(_read_attrs, side, users, ids)
+        return _assemble(conn, rows, ids, future.result)
+
+
+def _assemble(
+    conn: sqlalchemy.engine.Connection,
+    rows: Any,
+    ids: Any,
+    user_attrs: Callable[[], dict[int, dict]],
+) -> list[FrozenTrial]:
+    """The trials of ``rows``: their values, parameters and system attributes read on
+    ``conn``, their user attributes from ``user_attrs`` (read meanwhile, or already)."""
+    import optuna.distributions as dist
+
+    value, params, system = (
+        models.TrialValueModel,
+        models.TrialParamModel,
+        models.TrialSystemAttributeModel,
+    )
     values: dict[int, dict[int, float]] = {}
     for trial_id, objective, v, kind in conn.execute(
         sqlalchemy.select(value.trial_id, value.objective, value.value, value.value_type)
@@ -394,10 +440,8 @@ def read_trials(
         ).where(params.trial_id.in_(ids))
     ):
         found.setdefault(trial_id, {})[name] = (internal, distribution)
-    by_kind = {
-        "user": _read_attrs(conn, users, ids),
-        "system": _read_attrs(conn, system, ids),
-    }
+    system_attrs = _read_attrs(conn, system, ids)
+    users = user_attrs()
     parsed: dict[str, Any] = {}  # distribution JSON -> object: a study has a handful
     out = []
     for trial_id, number, state, start, complete in rows:
@@ -419,8 +463,8 @@ def read_trials(
                 datetime_complete=_local(complete),
                 params=param_values,
                 distributions=distributions,
-                user_attrs=by_kind["user"].get(trial_id, {}),
-                system_attrs=by_kind["system"].get(trial_id, {}),
+                user_attrs=users.get(trial_id, {}),
+                system_attrs=system_attrs.get(trial_id, {}),
                 intermediate_values={},
                 trial_id=trial_id,
             )
@@ -501,9 +545,14 @@ def open_storage(
     parsed = _check_url(url)
     if create and parsed.get_backend_name() == "sqlite":
         _require_sqlite_folder(url, parsed)
-    _require_optuna_schema(url, parsed, missing_ok=create)
+    revision = _require_optuna_schema(url, parsed, missing_ok=create)
+    # Optuna's own schema check loads its alembic scripts (a fifth of a second per
+    # command); a read-only command whose schema revision is Optuna's head skips it, and
+    # any other revision goes to Optuna, whose error says what to do.
+    current = not create and revision is not None and revision == optuna_schema_head()
     try:
-        with _schema_lock(url):
+        # A read-only command creates no table: nothing to serialise.
+        with _schema_lock(url) if create else contextlib.nullcontext():
             return kind(
                 url,
                 engine_kwargs=_engine_kwargs(url),
@@ -511,6 +560,7 @@ def open_storage(
                 grace_period=grace_period_s,
                 heartbeat_stale_trial_callback=stale_trial_callback,
                 skip_table_creation=not create,
+                skip_compatibility_check=current,
             )
     except RuntimeError as exc:  # optuna: the tables come from a newer (or older) Optuna
         raise KdsearchError(
@@ -544,15 +594,16 @@ def _require_sqlite_folder(url: str, parsed: sqlalchemy.engine.URL) -> None:
         )
 
 
-def _require_optuna_schema(url: str, parsed: sqlalchemy.engine.URL, missing_ok: bool) -> None:
+def _require_optuna_schema(url: str, parsed: sqlalchemy.engine.URL, missing_ok: bool) -> str | None:
     """Refuse a database whose tables are not Optuna's (a foreign ``studies`` table), and,
-    unless ``missing_ok``, one without any (raises ``NoStudies``)."""
+    unless ``missing_ok``, one without any (raises ``NoStudies``). Returns the schema's
+    alembic revision (None: no tables, or none recorded)."""
     shown = redact(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if not Path(database).is_file():
             if missing_ok:
-                return
+                return None
             raise NoStudies(
                 f"no storage at {shown!r} (the file does not exist): no study has been created "
                 f"there; create one with `kdsearch study create STUDY.yaml`, or give --storage "
@@ -567,6 +618,11 @@ def _require_optuna_schema(url: str, parsed: sqlalchemy.engine.URL, missing_ok: 
                 {c["name"] for c in inspector.get_columns("studies")}
                 if "studies" in tables
                 else set()
+            )
+            revision = (
+                conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
+                if "alembic_version" in tables
+                else None
             )
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise _unreachable(url, parsed, exc) from None
@@ -584,6 +640,23 @@ def _require_optuna_schema(url: str, parsed: sqlalchemy.engine.URL, missing_ok: 
             f"the storage {shown!r} holds no kdsearch study yet; create one with "
             f"`kdsearch study create STUDY.yaml`, or check --storage (or ${STORAGE_ENV})"
         )
+    return revision
+
+
+@functools.cache
+def optuna_schema_head() -> str | None:
+    """The alembic revision of the installed Optuna's schema: the one revision of its
+    migration scripts that no other revises (read from their ``revision`` and
+    ``down_revision`` lines, not by loading them as alembic does); None when that is not
+    exactly one, and the caller lets Optuna check."""
+    folder = Path(optuna.storages.__file__).parent / "_rdb" / "alembic" / "versions"
+    line = re.compile(r'^(down_revision|revision)\s*=\s*["\']([^"\']+)["\']', re.MULTILINE)
+    revisions, revised = set(), set()
+    for script in folder.glob("*.py"):
+        for kind, value in line.findall(script.read_text()):
+            (revisions if kind == "revision" else revised).add(value)
+    heads = revisions - revised
+    return heads.pop() if len(heads) == 1 else None
 
 
 def _connect_args(url: str) -> dict[str, Any]:

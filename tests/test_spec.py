@@ -41,7 +41,9 @@ def test_demo_spec_resolves_paths_and_defaults() -> None:
     assert (spec.thresholds.sigma_max, spec.thresholds.accuracy_drop_max) == (0.05, 0.02)
     # the demo shows verdicts on several seeds, with racing
     assert (spec.replicates.max_seeds, spec.replicates.strategy) == (3, "racing")
-    assert (spec.replicates.confirm_seeds, spec.replicates.confirm_candidates) == (3, 1)
+    assert (spec.replicates.confirm_seeds, spec.replicates.confirm_candidates) == (5, 2)
+    assert spec.replicates.confirm_precision == 0.2
+    assert spec.n_trials == 26
     assert spec.student.layers_from == "finetuned"
 
 

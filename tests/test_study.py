@@ -299,3 +299,66 @@ def test_delete_removes_the_study_and_a_new_create_makes_it_afresh(
 
 def test_replicate_seeds_are_those_of_the_study(spec: StudySpec) -> None:
     assert replicate_seed(spec.seed, 0) == spec.seed
+
+
+def _trial(number: int) -> optuna.trial.FrozenTrial:
+    """A trial with a bit of everything Optuna stores (params, values, both kinds of
+    attributes), finished or not."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    state = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)[number % 3]
+    return optuna.trial.create_trial(
+        state=state,
+        params={"lr": 10.0 ** -(1 + number % 4), "epochs": 1 + number % 5},
+        distributions={
+            "lr": FloatDistribution(1e-5, 1.0, log=True),
+            "epochs": IntDistribution(1, 5),
+        },
+        values=[0.01 * number, -0.5] if state == TrialState.COMPLETE else None,
+        user_attrs={"kdsearch:outcome": {"sigma": 0.01 * number, "list": [number]}, "n": number},
+        system_attrs={"constraints": [0.1, -0.2]} if number % 2 else {},
+    )
+
+
+def _as_compared(trials: list[optuna.trial.FrozenTrial]) -> list[tuple]:
+    return [
+        (t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, t.system_attrs,
+         t.datetime_start, t.datetime_complete)
+        for t in trials
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("storage_url", ["sqlite", "postgresql"], indirect=True)
+def test_the_bulk_read_gives_what_optuna_reads(storage_url: str) -> None:
+    """`read_study` (status, report, the note) against Optuna's own read, past the size
+    where it filters by subquery instead of a list of ids (500 trials)."""
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name="bulk", storage=storage, directions=["minimize"] * 2)
+    study.add_trials([_trial(n) for n in range(510)])
+    running = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)})
+    running.set_user_attr("kdsearch:config", "abc")
+    expected = optuna.load_study(study_name="bulk", storage=storage).get_trials(deepcopy=False)
+    got = storage.read_study(study._study_id)
+    assert len(got) == 511 and got[-1].state == TrialState.RUNNING
+    assert _as_compared(got) == _as_compared(expected)
+
+
+def test_the_two_connections_of_a_large_read_see_one_snapshot(pg_url: str) -> None:
+    """A worker that writes while `status` reads (a new trial, an attribute of a running
+    one) is seen by neither of the read's two connections: no trial without its
+    attributes, no attribute without its trial."""
+    from kdsearch.service.storage import _snapshot_pair, read_trials
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(study_name="snap", storage=storage, directions=["minimize"] * 2)
+    study.add_trials([_trial(n) for n in range(3)])
+    running = study.ask()
+    before = _as_compared(storage.read_study(study._study_id))
+    with _snapshot_pair(storage.engine) as (conn, side):
+        worker = optuna.load_study(study_name="snap", storage=open_storage(pg_url))
+        worker.add_trial(_trial(3))
+        worker._storage.set_trial_user_attr(running._trial_id, "kdsearch:outcome", {"late": 1})
+        got = read_trials(conn, study._study_id, side=side)
+    assert _as_compared(got) == before
+    after = storage.read_study(study._study_id)
+    assert len(after) == 5 and after[3].user_attrs["kdsearch:outcome"] == {"late": 1}
