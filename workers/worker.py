@@ -201,8 +201,14 @@ class Worker:
             self.stop.check()
             claimed = self._claim()
             if claimed is Claim.DONE:
+                # Fewer than the budget when an answer is confirmed early: the rest of
+                # the confirmation reserve is not needed.
+                used = self.view.usage()
                 logger.info(
-                    "study %s: budget of %d trials reached", self.spec.name, self.spec.n_trials
+                    "study %s: done, %d of its budget of %d trials used",
+                    self.spec.name,
+                    used.search + used.confirmation,
+                    self.spec.n_trials,
                 )
                 self._note(force=True)
                 return 0
