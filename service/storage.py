@@ -546,9 +546,9 @@ def open_storage(
     if create and parsed.get_backend_name() == "sqlite":
         _require_sqlite_folder(url, parsed)
     revision = _require_optuna_schema(url, parsed, missing_ok=create)
-    # Optuna's own schema check loads its alembic scripts (a fifth of a second per
-    # command); a read-only command whose schema revision is Optuna's head skips it, and
-    # any other revision goes to Optuna, whose error says what to do.
+    # Optuna's own schema check loads its alembic scripts at every connect; a read-only
+    # command whose schema revision is Optuna's head skips it, and any other revision goes
+    # to Optuna, whose error says what to do.
     current = not create and revision is not None and revision == optuna_schema_head()
     try:
         # A read-only command creates no table: nothing to serialise.
