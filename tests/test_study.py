@@ -1,5 +1,5 @@
 """Study lifecycle on both storage backends: creation, attach, baseline, budget, the claim's
-trial config, feasibility through Optuna 5's constraint API, deletion."""
+trial config, feasibility through Optuna 5's constraint API, deletion, the bulk read."""
 
 from __future__ import annotations
 
