@@ -4,6 +4,7 @@ sentiment from CSV files with a column map, run end to end on the real MiniLM te
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,22 @@ def test_the_example_status_table(example: kdsearch.Study) -> None:
     sigma = float(rows[0].split()[columns.index("sigma")])
     assert sigma == pytest.approx(example.records()[0].sigma, abs=1e-6)
     assert np.isfinite(sigma)
+
+
+def test_the_exported_student_carries_the_declared_label_names(
+    example: kdsearch.Study, tmp_path: Path
+) -> None:
+    """A user who loads the export with transformers sees the study's class names, not
+    LABEL_0..2."""
+    from transformers import AutoConfig
+
+    folder = Path(example.storage_url.removeprefix("sqlite:///")).parent
+    out = tmp_path / "student"
+    result = run_cli(
+        "export", "--study", "financial-sentiment", "--trial", "0", "--out", str(out),
+        "--storage", example.storage_url, "--artifacts", str(folder / "art"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = AutoConfig.from_pretrained(out)
+    assert config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert config.label2id == {"negative": 0, "neutral": 1, "positive": 2}

@@ -153,6 +153,7 @@ def test_export_best_student_loads_and_reproduces(finished: dict) -> None:
     assert card["reproduced_within_tolerance"] is True
     # A plain Hugging Face folder that predicts what the trial recorded.
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.id2label == {0: "negative", 1: "positive"}  # GLUE SST-2's names
     tokenizer = AutoTokenizer.from_pretrained(out)
     store = FileSystemArtifactStore(str(finished["artifacts"] / "optuna"))
     dev_csv = finished["tmp"] / "exported-dev.csv"
