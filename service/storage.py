@@ -405,28 +405,20 @@ def read_trials(
         else sqlalchemy.select(trial.trial_id).where(wanted)
     )
     if side is None:
-        user_attrs = _read_attrs(conn, users, ids)
-        return _assemble(conn, rows, ids, lambda: user_attrs)
+        return _frozen(rows, _read_rest(conn, ids), _read_attrs(conn, users, ids))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(_read_attrs, side, users, ids)
-        return _assemble(conn, rows, ids, future.result)
+        user_attrs = pool.submit(_read_attrs, side, users, ids)
+        rest = _read_rest(conn, ids)
+        return _frozen(rows, rest, user_attrs.result())
 
 
-def _assemble(
-    conn: sqlalchemy.engine.Connection,
-    rows: Any,
-    ids: Any,
-    user_attrs: Callable[[], dict[int, dict]],
-) -> list[FrozenTrial]:
-    """The trials of ``rows``: their values, parameters and system attributes read on
-    ``conn``, their user attributes from ``user_attrs`` (read meanwhile, or already)."""
-    import optuna.distributions as dist
+_Rest = tuple[dict[int, dict[int, float]], dict[int, dict[str, tuple[float, str]]], dict[int, dict]]
 
-    value, params, system = (
-        models.TrialValueModel,
-        models.TrialParamModel,
-        models.TrialSystemAttributeModel,
-    )
+
+def _read_rest(conn: sqlalchemy.engine.Connection, ids: Any) -> _Rest:
+    """These trials' values, parameters (internal value, distribution JSON) and system
+    attributes, by trial id."""
+    value, params = models.TrialValueModel, models.TrialParamModel
     values: dict[int, dict[int, float]] = {}
     for trial_id, objective, v, kind in conn.execute(
         sqlalchemy.select(value.trial_id, value.objective, value.value, value.value_type)
@@ -440,8 +432,14 @@ def _assemble(
         ).where(params.trial_id.in_(ids))
     ):
         found.setdefault(trial_id, {})[name] = (internal, distribution)
-    system_attrs = _read_attrs(conn, system, ids)
-    users = user_attrs()
+    return values, found, _read_attrs(conn, models.TrialSystemAttributeModel, ids)
+
+
+def _frozen(rows: Any, rest: _Rest, users: dict[int, dict]) -> list[FrozenTrial]:
+    """The ``FrozenTrial`` of each trial row, from what the other queries read."""
+    import optuna.distributions as dist
+
+    values, found, system_attrs = rest
     parsed: dict[str, Any] = {}  # distribution JSON -> object: a study has a handful
     out = []
     for trial_id, number, state, start, complete in rows:
