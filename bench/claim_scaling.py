@@ -11,6 +11,9 @@ beat), the ceiling it implies, and the time of ``kdsearch status`` and ``kdsearc
 (fresh processes, Python's start-up included).
 
     .venv/bin/python bench/claim_scaling.py --sizes 100 1000 3000 10000
+
+``--keep`` leaves the filled studies (``bench-claim-N-XXXXXX``) for
+``bench/status_phases.py``.
 """
 
 from __future__ import annotations
@@ -201,7 +204,7 @@ def timed_cli(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(url: str, n: int, claims: int) -> dict[str, float]:
+def measure(url: str, n: int, claims: int, keep: bool = False) -> dict[str, float]:
     spec = load_spec(ROOT / "studies" / "demo-sst2.yaml")
     name = f"bench-claim-{n}-{uuid.uuid4().hex[:6]}"
     # room to race: the schedule queues seeds and samples, as in a study under way
@@ -241,7 +244,10 @@ def measure(url: str, n: int, claims: int) -> dict[str, float]:
         "status_s": timed_cli("status", "--study", name, "--storage", url),
         "report_s": timed_cli("report", "--study", name, "--storage", url),
     }
-    optuna.delete_study(study_name=name, storage=storage)
+    if keep:  # for bench/status_phases.py, or timing `kdsearch status` by hand
+        logger.info("kept study %s", name)
+    else:
+        optuna.delete_study(study_name=name, storage=storage)
     return out
 
 
@@ -250,6 +256,7 @@ def main() -> None:
     parser.add_argument("--storage", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     parser.add_argument("--sizes", nargs="+", type=int, default=[100, 1000, 3000, 10000])
     parser.add_argument("--claims", type=int, default=20)
+    parser.add_argument("--keep", action="store_true", help="leave the filled studies")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kdsearch").setLevel(logging.WARNING)
@@ -260,7 +267,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for n in args.sizes:
-        m = measure(args.storage, n, args.claims)
+        m = measure(args.storage, n, args.claims, args.keep)
         rows.append(
             f"| {n:,} | {m['first_s']:.3f} s | {1000 * m['median_s']:.1f} ms | "
             f"{1 / m['median_s']:.0f} trials/s | {m['wall_s']:.3f} s | {m['status_s']:.1f} s | "
